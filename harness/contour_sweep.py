@@ -1,0 +1,334 @@
+"""The fast engine behind MaxBoxAcc/MaxBoxAccV2: every threshold of a map in one sweep.
+
+The protocol (spec §2.2) binarises the uint8 map U at each threshold level t (`U > t`), runs
+OpenCV's contour search (RETR_TREE, so hole contours count too) and keeps each contour's
+boundingRect. Doing that per threshold costs one contour search per level. This module gets the
+same boxes from one pass over the pixels, using two facts:
+
+* The regions nest: `U > t` only grows as t falls. Adding pixels in decreasing order of U to a
+  union-find with 8-connectivity yields, at every level, the 8-connected components of `U > t`.
+  OpenCV gives exactly one outer contour per such component, and its boundingRect is the
+  component's bounding box.
+* The holes nest the other way: `U <= t` only grows as t rises. A union-find with 4-connectivity
+  over those pixels yields the 4-connected background components; those that never touch the image
+  edge are the holes, and OpenCV gives exactly one hole contour per hole. That contour runs through
+  the foreground pixels 4-adjacent to the hole, so its boundingRect is the hole's bounding box
+  grown by one pixel on each side.
+
+MaxBoxAcc (v1) keeps only the contour with the largest `cv2.contourArea` (the polygon through the
+contour's pixel centres). For a component without holes that area is exact from local counts:
+each 2x2 block of pixels with all four corners in the component adds 1, with three corners 1/2,
+otherwise 0. Holes (counted through the Euler number, also from 2x2 blocks) add area we do not
+track, so for a component with holes we only know bounds. Where bounds or ties leave the largest
+contour undecided, the level is handed back (NaN) and the caller runs the definition itself, with
+OpenCV, for that level alone. The tests check all of this against OpenCV on random maps.
+
+Box convention (spec §2.2 step 7, kept as the reference does): boundingRect's x+w is one past the
+last pixel, clipped to width-1, and the box is then used as inclusive.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Per 2x2 block, its four corners as bits: top-left 1, top-right 2, bottom-left 4, bottom-right 8.
+# Doubled polygon area of a hole-free component: 2 per full block, 1 per three-corner block.
+_AREA2 = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 2], dtype=np.int64)
+# Euler number times 4 for 8-connectivity (Gray's bit-quads): +1 per one-corner block, -1 per
+# three-corner block, -2 per diagonal pair. A component's hole count is 1 - EULER4 / 4.
+_EULER4 = np.array([0, 1, 1, 0, 1, 0, -2, -1, 1, -2, 0, -1, 0, -1, -1, 0], dtype=np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _find(parent, p):
+    # Path halving.
+    while parent[p] != p:
+        parent[p] = parent[parent[p]]
+        p = parent[p]
+    return p
+
+
+@njit(cache=True, nogil=True)
+def _max_iou(x0, y0, x1, y1, gt):
+    """Max over ground-truth boxes of the protocol's IoU (spec §2.3: inclusive, +1 areas)."""
+    best = 0.0
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    for g in range(gt.shape[0]):
+        ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
+        iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
+        inter = max(0, ix) * max(0, iy)
+        denominator = area + (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1) - inter
+        iou = inter / denominator if denominator > 0 else 0.0
+        if iou > best:
+            best = iou
+    return best
+
+
+class Workspace:
+    """Scratch arrays for `sweep_levels`, reused across the maps of one thread."""
+
+    def __init__(self, height: int, width: int):
+        n = height * width
+        self.shape = (height, width)
+        self.parent = np.full(n, -1, dtype=np.int32)
+        self.size = np.zeros(n, dtype=np.int32)
+        self.box = np.zeros((n, 4), dtype=np.int32)
+        self.area2 = np.zeros(n, dtype=np.int32)
+        self.euler4 = np.zeros(n, dtype=np.int32)
+        self.flag = np.zeros(n, dtype=np.uint8)  # dirty (1) / touches the image edge (2)
+        self.iou = np.zeros(n, dtype=np.float64)
+        self.alive = np.zeros(n, dtype=np.int32)
+        self.alive_at = np.full(n, -1, dtype=np.int32)
+        self.order = np.zeros(n, dtype=np.int32)
+        self.block = np.zeros((height + 1) * (width + 1), dtype=np.uint8)
+
+
+def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, largest: bool = True,
+                 workspace: Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best IoU per threshold level, for all contours (V2) and the largest contour (v1).
+
+    quantized: the uint8 map U (H, W), with max(U) > 0 (a map with max(U) == 0 has no contour at
+    any level). level_slot[t] (length 256) is the output slot of level t, or -1 when no threshold
+    maps to t. gt: int64 (G, 4) inclusive ground-truth boxes in the map's frame. Returns
+    (best_all, best_largest), float64 per slot; best_largest is NaN where the largest contour is
+    not decided by the counts (the caller then asks OpenCV), and all NaN unless `largest`.
+    """
+    if workspace is None or workspace.shape != quantized.shape:
+        workspace = Workspace(*quantized.shape)
+    w = workspace
+    n_slots = int(level_slot.max()) + 1
+    best_all = np.full(n_slots, -1.0)
+    best_largest = np.full(n_slots, np.nan)
+    if n_slots == 0:
+        return best_all, best_largest
+    _sweep(np.ascontiguousarray(quantized, dtype=np.uint8), level_slot.astype(np.int64), np.ascontiguousarray(gt, dtype=np.int64),
+           largest, best_all, best_largest, w.parent, w.size, w.box, w.area2, w.euler4, w.flag, w.iou,
+           w.alive, w.alive_at, w.order, w.block)
+    return best_all, best_largest
+
+
+_DIRTY = np.uint8(1)
+_EDGE = np.uint8(2)
+
+
+@njit(cache=True, nogil=True)
+def _merge(a, b, parent, size, box, area2, euler4, flag, alive, alive_at, n_alive):
+    """Merge root b into root a (both roots, a != b); returns the new number of live roots."""
+    parent[b] = a
+    size[a] += size[b]
+    box[a, 0] = min(box[a, 0], box[b, 0])
+    box[a, 1] = min(box[a, 1], box[b, 1])
+    box[a, 2] = max(box[a, 2], box[b, 2])
+    box[a, 3] = max(box[a, 3], box[b, 3])
+    area2[a] += area2[b]
+    euler4[a] += euler4[b]
+    flag[a] = (flag[a] | flag[b]) | _DIRTY
+    k = alive_at[b]
+    n_alive -= 1
+    last = alive[n_alive]
+    alive[k] = last
+    alive_at[last] = k
+    alive_at[b] = -1
+    return n_alive
+
+
+@njit(cache=True, nogil=True)
+def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
+           parent, size, box, area2, euler4, flag, iou, alive, alive_at, order, block):
+    height, width = quantized.shape
+    n = height * width
+    lowest = 256
+    highest = -1
+    for t in range(256):
+        if level_slot[t] >= 0:
+            lowest = min(lowest, t)
+            highest = max(highest, t)
+
+    # Pixels bucketed by value (a counting sort): value v is order[start[v]:start[v + 1]].
+    flat = quantized.ravel()
+    start = np.zeros(257, dtype=np.int64)
+    for p in range(n):
+        start[flat[p] + 1] += 1
+    for v in range(256):
+        start[v + 1] += start[v]
+    fill = start[:256].copy()
+    for p in range(n):
+        v = flat[p]
+        order[fill[v]] = p
+        fill[v] += 1
+    maximum = 0
+    for v in range(255, -1, -1):
+        if start[v + 1] > start[v]:
+            maximum = v
+            break
+
+    # ---- Foreground: 8-connected components of U > t, t falling. -------------------------------
+    n_alive = 0
+    for t in range(maximum - 1, lowest - 1, -1):
+        v = t + 1
+        for i in range(start[v], start[v + 1]):
+            p = order[i]
+            r = p // width
+            c = p - r * width
+            parent[p] = p
+            size[p] = 1
+            box[p, 0] = c
+            box[p, 1] = r
+            box[p, 2] = c
+            box[p, 3] = r
+            area2[p] = 0
+            euler4[p] = 0
+            flag[p] = _DIRTY
+            alive[n_alive] = p
+            alive_at[p] = n_alive
+            n_alive += 1
+            root = p
+            for dr in range(-1, 2):
+                rr = r + dr
+                if rr < 0 or rr >= height:
+                    continue
+                for dc in range(-1, 2):
+                    cc = c + dc
+                    if cc < 0 or cc >= width or (dr == 0 and dc == 0):
+                        continue
+                    q = rr * width + cc
+                    if parent[q] < 0:
+                        continue
+                    other = _find(parent, q)
+                    if other == root:
+                        continue
+                    if size[root] < size[other]:
+                        root, other = other, root
+                    n_alive = _merge(root, other, parent, size, box, area2, euler4, flag, alive, alive_at, n_alive)
+            if largest:
+                # The four 2x2 blocks with this pixel as a corner; their present pixels are all
+                # 8-adjacent to it, so they belong to `root` now.
+                for corner in range(4):
+                    bi = r + (1 if corner < 2 else 0)
+                    bj = c + (1 if corner % 2 == 0 else 0)
+                    b = bi * (width + 1) + bj
+                    old = block[b]
+                    new = old | (1 << corner)  # top-left 1, top-right 2, bottom-left 4, bottom-right 8
+                    block[b] = new
+                    area2[root] += _AREA2[new] - _AREA2[old]
+                    euler4[root] += _EULER4[new] - _EULER4[old]
+            flag[root] |= _DIRTY
+        slot = level_slot[t]
+        if slot < 0:
+            continue
+        best = -1.0
+        # v1: the candidate with the largest certain (lower-bound) area must beat every other
+        # candidate's possible (upper-bound) area, in doubled-area integers.
+        top_lower = -1
+        top_root = -1
+        upper_first = -1
+        upper_first_root = -1
+        upper_second = -1
+        for i in range(n_alive):
+            a = alive[i]
+            if flag[a] & _DIRTY:
+                iou[a] = _max_iou(box[a, 0], box[a, 1], min(box[a, 2] + 1, width - 1),
+                                  min(box[a, 3] + 1, height - 1), gt)
+                flag[a] &= ~_DIRTY
+            if iou[a] > best:
+                best = iou[a]
+            if largest:
+                lower = area2[a]
+                if euler4[a] == 4:
+                    upper = lower
+                else:  # holes: the polygon lies within the box of pixel centres
+                    upper = 2 * (box[a, 2] - box[a, 0]) * (box[a, 3] - box[a, 1])
+                if lower > top_lower:
+                    top_lower = lower
+                    top_root = a
+                if upper > upper_first:
+                    upper_second = upper_first
+                    upper_first = upper
+                    upper_first_root = a
+                elif upper > upper_second:
+                    upper_second = upper
+        best_all[slot] = best
+        if largest:
+            rival = upper_second if upper_first_root == top_root else upper_first
+            # A hole contour can tie its own component's outer contour only if the component has
+            # no solid area at all (a one-pixel-thin ring); leave that to OpenCV.
+            thin_ring = euler4[top_root] != 4 and area2[top_root] == 0
+            if top_lower > rival and not thin_ring:
+                best_largest[slot] = iou[top_root]
+
+    # Reset what the foreground sweep touched, for the next sweep and the next map.
+    for i in range(start[lowest + 1] if lowest < 255 else n, n):
+        p = order[i]
+        parent[p] = -1
+        alive_at[p] = -1
+        if largest:
+            r = p // width
+            c = p - r * width
+            block[r * (width + 1) + c] = 0
+            block[r * (width + 1) + c + 1] = 0
+            block[(r + 1) * (width + 1) + c] = 0
+            block[(r + 1) * (width + 1) + c + 1] = 0
+
+    # ---- Holes: 4-connected components of U <= t off the image edge, t rising. ------------------
+    n_alive = 0
+    for t in range(0, highest + 1):
+        for i in range(start[t], start[t + 1]):
+            p = order[i]
+            r = p // width
+            c = p - r * width
+            parent[p] = p
+            size[p] = 1
+            box[p, 0] = c
+            box[p, 1] = r
+            box[p, 2] = c
+            box[p, 3] = r
+            area2[p] = 0
+            euler4[p] = 0
+            flag[p] = _DIRTY | (_EDGE if (r == 0 or c == 0 or r == height - 1 or c == width - 1) else 0)
+            alive[n_alive] = p
+            alive_at[p] = n_alive
+            n_alive += 1
+            root = p
+            for k4 in range(4):
+                rr = r
+                cc = c
+                if k4 == 0:
+                    rr = r - 1
+                elif k4 == 1:
+                    rr = r + 1
+                elif k4 == 2:
+                    cc = c - 1
+                else:
+                    cc = c + 1
+                if rr < 0 or rr >= height or cc < 0 or cc >= width:
+                    continue
+                q = rr * width + cc
+                if parent[q] < 0:
+                    continue
+                other = _find(parent, q)
+                if other == root:
+                    continue
+                if size[root] < size[other]:
+                    root, other = other, root
+                n_alive = _merge(root, other, parent, size, box, area2, euler4, flag, alive, alive_at, n_alive)
+        slot = level_slot[t]
+        if slot < 0:
+            continue
+        best = best_all[slot]
+        for i in range(n_alive):
+            a = alive[i]
+            if flag[a] & _EDGE:
+                continue
+            if flag[a] & _DIRTY:
+                # The hole contour's pixels span the hole's box grown by one; boundingRect then
+                # adds one more on the right and bottom (clipped), as for outer contours.
+                iou[a] = _max_iou(box[a, 0] - 1, box[a, 1] - 1, min(box[a, 2] + 2, width - 1),
+                                  min(box[a, 3] + 2, height - 1), gt)
+                flag[a] &= ~_DIRTY
+            if iou[a] > best:
+                best = iou[a]
+        best_all[slot] = best
+    for i in range(0, start[highest + 1]):
+        p = order[i]
+        parent[p] = -1
+        alive_at[p] = -1

@@ -1,0 +1,484 @@
+"""The evaluator: score maps and metadata in, the protocol's numbers and curves out (spec §2).
+
+Pure: it reads maps through a loader function and the split's metadata, and returns results; it
+writes nothing. Training, the CLI and the tests all call `evaluate_split`.
+
+Box metrics (spec §2.2-2.4): per threshold tau_k the map is quantised (uint8(S*255)), binarised at
+int(tau_k * max) and its contours' boxes are compared with the ground-truth boxes (max over GT).
+  MaxBoxAcc    the largest contour only, IoU 50 (CVPR'20)
+  MaxBoxAccV2  all contours, the mean of IoU 30/50/70, each with its own best threshold
+  GT-known Loc the IoU-50 term of V2 (all contours), whichever of the two is asked for
+  Top-1 Loc    as GT-known, counting only images whose predicted class is right (own threshold)
+Mask metrics (spec §2.5-2.6): PxAP (area under the pixel precision-recall curve, 1002 histogram
+bins) and pIoU (the dataset-level peak IoU), ignore pixels excluded.
+
+Two engines compute the per-threshold boxes: "definition" runs OpenCV at every threshold, exactly
+as the spec words it; "fast" (the default) gets the same boxes from one sweep over the map
+(wsolbench.contour_sweep) and falls back to the definition at the few levels the sweep cannot
+decide. Both give identical numbers; tests and benchmarks/ hold them to that.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import cv2
+import numpy as np
+from numba import njit
+
+from wsolbench.contour_sweep import Workspace, sweep_levels
+from wsolbench.datasets.masks import load_gt_mask
+from wsolbench.datasets.metadata import SplitMetadata
+from wsolbench.errors import InputError, WsolbenchError
+
+IOU_THRESHOLDS = (30, 50, 70)
+EVAL_SIZE = (224, 224)
+
+
+# ---------------------------------------------------------------------------------------------
+# Definitions (spec §2.1-2.3)
+# ---------------------------------------------------------------------------------------------
+
+def score_thresholds(cam_curve_interval: float = 0.001) -> np.ndarray:
+    """Spec §2.1: np.arange(0, 1, interval), i.e. k * interval in float64, not decimal k/1000."""
+    if not (0 < cam_curve_interval < 1):
+        raise WsolbenchError(f"cam_curve_interval must lie in (0, 1), got {cam_curve_interval}")
+    return np.arange(0, 1, cam_curve_interval)
+
+
+def rescale_box(box: Sequence[int], image_size: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, ...]:
+    """Spec §1.4: int(x * W' / W) per coordinate, multiplying first; sizes are (width, height)."""
+    (width, height), (new_width, new_height) = image_size, target_size
+    x0, y0, x1, y1 = box
+    return (int(x0 * new_width / width), int(y0 * new_height / height),
+            int(x1 * new_width / width), int(y1 * new_height / height))
+
+
+def multiple_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Spec §2.3: IoU matrix of inclusive integer boxes (areas with +1); 0 where degenerate."""
+    boxes_a = np.asarray(boxes_a, dtype=np.int64).reshape(-1, 4)
+    boxes_b = np.asarray(boxes_b, dtype=np.int64).reshape(-1, 4)
+    for boxes in (boxes_a, boxes_b):
+        if (boxes < 0).any() or (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError(f"boxes must be (x0, y0, x1, y1) with 0 <= x0 <= x1, 0 <= y0 <= y1: {boxes.tolist()}")
+    a = boxes_a[:, None, :]
+    b = boxes_b[None, :, :]
+    inter = (np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
+             * np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1))
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    denominator = area_a + area_b - inter
+    degenerate = denominator <= 0
+    ious = inter / np.where(degenerate, 1, denominator)
+    ious[degenerate] = 0.0
+    return ious
+
+
+def quantize(scoremap: np.ndarray) -> np.ndarray:
+    """Spec §2.2 step 1: uint8(S * 255), truncating toward zero."""
+    return (scoremap * 255).astype(np.uint8)
+
+
+def threshold_levels(thresholds: np.ndarray, quantized_max: int) -> np.ndarray:
+    """Spec §2.2 step 2: the integer level int(tau * max(U)) of every threshold."""
+    return (thresholds * np.float64(quantized_max)).astype(np.int64)
+
+
+def contour_boxes(quantized: np.ndarray, level: int, multi_contour: bool) -> np.ndarray:
+    """Spec §2.2 steps 3-7 at one level, with OpenCV itself: the boxes of `quantized > level`."""
+    height, width = quantized.shape
+    _, binary = cv2.threshold(quantized, level, 255, cv2.THRESH_BINARY)  # strict >
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]  # OpenCV 3 and 4+
+    if len(contours) == 0:
+        return np.zeros((1, 4), dtype=np.int64)
+    if not multi_contour:
+        contours = [max(contours, key=cv2.contourArea)]  # ties: the first in findContours order
+    boxes = np.empty((len(contours), 4), dtype=np.int64)
+    for i, contour in enumerate(contours):
+        x, y, w, h = cv2.boundingRect(contour)
+        # x + w is one past the last pixel, clipped and then used as inclusive (spec §2.2, §8.3).
+        boxes[i] = (x, y, min(x + w, width - 1), min(y + h, height - 1))
+    return boxes
+
+
+# ---------------------------------------------------------------------------------------------
+# Per image: best IoU at every threshold
+# ---------------------------------------------------------------------------------------------
+
+def best_ious_definition(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
+                         largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold, the best IoU over GT of (all contours, the largest contour), by definition.
+
+    Without `largest` the second array is all NaN (only V2 boxes are needed).
+    """
+    quantized = quantize(scoremap)
+    levels = threshold_levels(thresholds, int(quantized.max()))
+    best_all = np.empty(len(thresholds))
+    best_largest = np.full(len(thresholds), np.nan)
+    for k, level in enumerate(levels):
+        best_all[k] = multiple_iou(contour_boxes(quantized, level, True), gt_boxes).max()
+        if largest:
+            best_largest[k] = multiple_iou(contour_boxes(quantized, level, False), gt_boxes).max()
+    return best_all, best_largest
+
+
+_workspaces = threading.local()
+
+
+def best_ious_fast(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
+                   largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The same numbers as `best_ious_definition`, from one sweep over the map."""
+    quantized = quantize(scoremap)
+    quantized_max = int(quantized.max())
+    levels = threshold_levels(thresholds, quantized_max)
+    gt_boxes = np.ascontiguousarray(gt_boxes, dtype=np.int64)
+    if quantized_max == 0:  # nothing above any level: the single box [0, 0, 0, 0] everywhere
+        empty = multiple_iou(np.zeros((1, 4)), gt_boxes).max()
+        return np.full(len(thresholds), empty), np.full(len(thresholds), empty if largest else np.nan)
+    distinct, slot_of_threshold = np.unique(levels, return_inverse=True)
+    level_slot = np.full(256, -1, dtype=np.int64)
+    level_slot[distinct] = np.arange(len(distinct))
+    workspace = getattr(_workspaces, "current", None)
+    if workspace is None or workspace.shape != quantized.shape:
+        workspace = _workspaces.current = Workspace(*quantized.shape)
+    best_all, best_largest = sweep_levels(quantized, level_slot, gt_boxes, largest, workspace)
+    if not largest:
+        return best_all[slot_of_threshold], best_largest[slot_of_threshold]
+    for slot in np.flatnonzero(np.isnan(best_largest)):  # undecided by the sweep: ask OpenCV
+        boxes = contour_boxes(quantized, int(distinct[slot]), multi_contour=False)
+        best_largest[slot] = multiple_iou(boxes, gt_boxes).max()
+    return best_all[slot_of_threshold], best_largest[slot_of_threshold]
+
+
+ENGINES = {"fast": best_ious_fast, "definition": best_ious_definition}
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask histograms (spec §2.5)
+# ---------------------------------------------------------------------------------------------
+
+def histogram_edges(thresholds: np.ndarray) -> np.ndarray:
+    """Spec §2.5: the thresholds, then 1, 2, 3 (the last bin closed, numpy.histogram style)."""
+    return np.append(thresholds, [1.0, 2.0, 3.0])
+
+
+@njit(cache=True, nogil=True)
+def accumulate_mask_histograms(scoremap, gt_mask, edges, interval, positive, negative):
+    """Add the map's scores to the foreground (1) and background (0) histograms; 255 is ignored.
+
+    Bin b holds edges[b] <= s < edges[b+1] (the last bin also s == edges[-1]), as numpy.histogram;
+    the guess s / interval is corrected against the exact float edges.
+    """
+    last = edges.shape[0] - 2
+    flat_scores = scoremap.ravel()
+    flat_mask = gt_mask.ravel()
+    for p in range(flat_scores.shape[0]):
+        label = flat_mask[p]
+        if label != 1 and label != 0:
+            continue
+        s = flat_scores[p]
+        b = int(s / interval)
+        if b > last:
+            b = last
+        while b > 0 and s < edges[b]:
+            b -= 1
+        while b < last and s >= edges[b + 1]:
+            b += 1
+        if label == 1:
+            positive[b] += 1
+        else:
+            negative[b] += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+def _rounded(value: float) -> float:
+    return float(value)
+
+
+@dataclass
+class BoxResult:
+    """Box metrics of a split, in percent, with the per-threshold curves behind them."""
+
+    dataset: str
+    split: str
+    num_images: int
+    cam_curve_interval: float
+    multi_contour: bool
+    thresholds: np.ndarray
+    box_acc: dict[int, np.ndarray]        # the asked metric's boxes (v1 or V2), per IoU threshold
+    gt_known_acc: np.ndarray              # V2 boxes, IoU 50
+    top1_loc_acc: dict[int, np.ndarray] | None = None  # V2 boxes, class right
+    top1_cls: float | None = None
+
+    @property
+    def metric(self) -> str:
+        return "MaxBoxAccV2" if self.multi_contour else "MaxBoxAcc"
+
+    @property
+    def per_iou(self) -> dict[int, float]:
+        return {iou: float(acc.max()) for iou, acc in self.box_acc.items()}
+
+    @property
+    def value(self) -> float:
+        return float(np.mean(list(self.per_iou.values())))
+
+    def best_threshold(self, curve: np.ndarray) -> float:
+        return float(self.thresholds[int(np.argmax(curve))])  # the first best, as np.argmax
+
+    def to_dict(self) -> dict:
+        out: dict = {"dataset": self.dataset, "split": self.split, "num_images": self.num_images,
+                     "cam_curve_interval": self.cam_curve_interval, "metric": self.metric,
+                     self.metric: self.value,
+                     "per_iou": {str(iou): v for iou, v in self.per_iou.items()},
+                     "best_threshold": {str(iou): self.best_threshold(acc) for iou, acc in self.box_acc.items()},
+                     "GT-known Loc": float(self.gt_known_acc.max()),
+                     "GT-known Loc threshold": self.best_threshold(self.gt_known_acc)}
+        if self.top1_loc_acc is not None:
+            out["Top-1 Loc"] = float(self.top1_loc_acc[50].max())
+            out["Top-1 Loc threshold"] = self.best_threshold(self.top1_loc_acc[50])
+            out["Top-1 Loc per_iou"] = {str(iou): float(acc.max()) for iou, acc in self.top1_loc_acc.items()}
+        if self.top1_cls is not None:
+            out["Top-1 Cls"] = self.top1_cls
+        return out
+
+    def curves(self) -> dict:
+        out = {"kind": "boxes", "metric": self.metric, "thresholds": self.thresholds.tolist(),
+               "box_acc": {str(iou): acc.tolist() for iou, acc in self.box_acc.items()},
+               "gt_known_acc": self.gt_known_acc.tolist()}
+        if self.top1_loc_acc is not None:
+            out["top1_loc_acc"] = {str(iou): acc.tolist() for iou, acc in self.top1_loc_acc.items()}
+        return out
+
+
+@dataclass
+class MaskResult:
+    """PxAP and pIoU of a split, in percent, with the precision-recall curve behind them."""
+
+    dataset: str
+    split: str
+    num_images: int
+    cam_curve_interval: float
+    edges: np.ndarray
+    positive_hist: np.ndarray
+    negative_hist: np.ndarray
+    top1_cls: float | None = None
+    tp: np.ndarray = field(init=False)
+    fp: np.ndarray = field(init=False)
+    fn: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Spec §2.5: reversed cumulative sums; index j counts scores >= edges[len - 2 - j].
+        self.tp = self.positive_hist[::-1].cumsum().astype(np.float64)
+        self.fp = self.negative_hist[::-1].cumsum().astype(np.float64)
+        positives = float(self.positive_hist.sum())
+        self.fn = positives - self.tp
+        if positives <= 0:
+            raise WsolbenchError(f"{self.dataset}/{self.split}: no positive ground truth in the split "
+                                 f"(every mask is empty), so PxAP and pIoU are undefined")
+        if (self.tp + self.fp <= 0).all():
+            raise WsolbenchError(f"{self.dataset}/{self.split}: no positive prediction at any threshold")
+
+    @property
+    def precision(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.tp / (self.tp + self.fp)
+
+    @property
+    def recall(self) -> np.ndarray:
+        return self.tp / (self.tp + self.fn)
+
+    @property
+    def pxap(self) -> float:
+        precision = self.precision[1:]
+        area = precision * np.diff(self.recall)
+        return float(area[~np.isnan(precision)].sum() * 100)
+
+    @property
+    def iou(self) -> np.ndarray:
+        return 100 * self.tp / (self.tp + self.fp + self.fn)
+
+    @property
+    def piou(self) -> float:
+        return float(self.iou.max())
+
+    @property
+    def curve_thresholds(self) -> np.ndarray:
+        """The score threshold of each index j of tp/fp: index j counts scores >= this."""
+        return self.edges[::-1][1:]
+
+    def to_dict(self) -> dict:
+        out = {"dataset": self.dataset, "split": self.split, "num_images": self.num_images,
+               "cam_curve_interval": self.cam_curve_interval, "metric": "PxAP",
+               "PxAP": self.pxap, "pIoU": self.piou,
+               "pIoU threshold": float(self.curve_thresholds[int(np.argmax(self.iou))])}
+        if self.top1_cls is not None:
+            out["Top-1 Cls"] = self.top1_cls
+        return out
+
+    def curves(self) -> dict:
+        precision = self.precision
+        return {"kind": "masks", "thresholds": self.curve_thresholds.tolist(),
+                "precision": [None if math.isnan(p) else float(p) for p in precision],
+                "recall": self.recall.tolist(), "iou": self.iou.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a split
+# ---------------------------------------------------------------------------------------------
+
+def read_predictions(path: str | os.PathLike, metadata: SplitMetadata) -> dict[str, int]:
+    """A CSV of `image_id,class` lines (a header line `image_id,class` is allowed)."""
+    path = Path(path)
+    predictions: dict[str, int] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise InputError(path, f"cannot read predictions: {error.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (number == 1 and line.strip().replace(" ", "") in ("image_id,class", "image_id,prediction")):
+            continue
+        fields = line.split(",")
+        if len(fields) != 2:
+            raise InputError(path, f"expected 2 fields (image_id,class), found {len(fields)}", number)
+        image_id, predicted = fields[0], fields[1].strip()
+        if image_id not in metadata.class_labels:
+            raise InputError(path, f"image id {image_id!r} is not in {metadata.dataset}/{metadata.split}", number)
+        try:
+            predictions[image_id] = int(predicted)
+        except ValueError:
+            raise InputError(path, f"class {predicted!r} is not an integer", number) from None
+    for image_id in metadata.image_ids:
+        if image_id not in predictions:
+            raise InputError(path, f"no prediction for image id {image_id!r}")
+    return predictions
+
+
+def top1_accuracy(predictions: dict[str, int], metadata: SplitMetadata) -> float:
+    correct = sum(predictions[i] == metadata.class_labels[i] for i in metadata.image_ids)
+    return 100.0 * correct / len(metadata.image_ids)
+
+
+ScoremapLoader = Callable[[str], np.ndarray]
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for begin in range(0, len(items), size):
+        yield items[begin:begin + size]
+
+
+def evaluate_split(metadata: SplitMetadata, load_scoremap: ScoremapLoader, *,
+                   cam_curve_interval: float = 0.001,
+                   box_metric: Literal["v1", "v2"] = "v2",
+                   mask_root: str | os.PathLike | None = None,
+                   predictions: dict[str, int] | None = None,
+                   iou_thresholds: Sequence[int] = IOU_THRESHOLDS,
+                   image_size: tuple[int, int] = EVAL_SIZE,
+                   engine: str = "fast",
+                   workers: int | None = None,
+                   progress: bool | Callable[[int], None] = False) -> BoxResult | MaskResult:
+    """Evaluate the maps of every image of a split; boxes or masks as its localization file says.
+
+    `load_scoremap(image_id)` returns a checked float64 map of `image_size` (see
+    wsolbench.scoremaps.load_scoremap). Maps are streamed: at most a few chunks are in memory.
+    `workers` threads (default: the CPU count, at most 8) share the work; the kernels release the
+    GIL. Results do not depend on the number of workers (all accumulation is integer counts).
+    """
+    thresholds = score_thresholds(cam_curve_interval)
+    if metadata.localization == "none":
+        raise WsolbenchError(f"{metadata.file('localization')}: empty, so {metadata.dataset}/{metadata.split} "
+                             f"has no boxes or masks to evaluate against")
+    if metadata.localization == "masks":
+        if mask_root is None:
+            raise WsolbenchError(f"{metadata.dataset}/{metadata.split} has masks: pass --mask-root, the folder "
+                                 f"the mask paths in {metadata.file('localization')} are relative to")
+        metadata.check_mask_files(mask_root)
+    if engine not in ENGINES:
+        raise WsolbenchError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    best_ious = ENGINES[engine]
+    multi_contour = box_metric == "v2"
+    iou_thresholds = tuple(iou_thresholds) if multi_contour else (50,)
+    num_thresholds = len(thresholds)
+    edges = histogram_edges(thresholds)
+    height, width = image_size
+
+    def box_chunk(image_ids: Sequence[str]) -> np.ndarray:
+        # rows: the metric's IoU thresholds, then GT-known (V2, 50), then Top-1 Loc per IoU.
+        counts = np.zeros((2 * len(iou_thresholds) + 1, num_thresholds), dtype=np.int64)
+        for image_id in image_ids:
+            scoremap = load_scoremap(image_id)
+            original = metadata.image_sizes[image_id]
+            gt = np.array([rescale_box(b, original, (width, height)) for b in metadata.boxes[image_id]],
+                          dtype=np.int64)
+            best_all, best_largest = best_ious(scoremap, gt, thresholds, largest=not multi_contour)
+            metric_best = best_all if multi_contour else best_largest
+            right_class = predictions is not None and predictions[image_id] == metadata.class_labels[image_id]
+            for row, iou in enumerate(iou_thresholds):
+                counts[row] += metric_best >= iou / 100
+                if right_class:  # Top-1 Loc: V2 boxes whichever metric is asked (spec §2.4)
+                    counts[len(iou_thresholds) + 1 + row] += best_all >= iou / 100
+            counts[len(iou_thresholds)] += best_all >= 50 / 100  # GT-known: V2 boxes, IoU 50
+        return counts
+
+    def mask_chunk(image_ids: Sequence[str]) -> np.ndarray:
+        hists = np.zeros((2, len(edges) - 1), dtype=np.int64)
+        for image_id in image_ids:
+            scoremap = load_scoremap(image_id)
+            gt_mask = load_gt_mask(mask_root, metadata.masks[image_id], image_size)
+            accumulate_mask_histograms(scoremap, gt_mask, edges, cam_curve_interval, hists[0], hists[1])
+        return hists
+
+    work = box_chunk if metadata.localization == "boxes" else mask_chunk
+    total = None
+    workers = workers or min(os.cpu_count() or 1, 8)
+    # Chunks small enough to keep both threads busy, large enough that the per-chunk count arrays
+    # (kept until consumed, in order) stay a few MB even for 50,000 maps.
+    chunk_size = max(1, min(64, math.ceil(len(metadata) / (4 * workers))))
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+        bar = tqdm(total=len(metadata), desc=f"evaluate {metadata.dataset}/{metadata.split}", unit="map",
+                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    try:
+        chunks = list(_chunks(metadata.image_ids, chunk_size))
+        if workers <= 1:
+            results = map(work, chunks)
+            pool = None
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            results = pool.map(work, chunks)
+        try:
+            for chunk, result in zip(chunks, results):
+                total = result if total is None else total + result
+                if bar is not None:
+                    bar.update(len(chunk))
+                elif callable(progress):
+                    progress(len(chunk))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    n = len(metadata)
+    top1_cls = top1_accuracy(predictions, metadata) if predictions is not None else None
+    if metadata.localization == "masks":
+        return MaskResult(metadata.dataset, metadata.split, n, cam_curve_interval, edges,
+                          total[0], total[1], top1_cls=top1_cls)
+    rows = len(iou_thresholds)
+    percent = total * 100 / n
+    box_acc = {iou: percent[i] for i, iou in enumerate(iou_thresholds)}
+    top1_loc = None
+    if predictions is not None:
+        top1_loc = {iou: percent[rows + 1 + i] for i, iou in enumerate(iou_thresholds)}
+    return BoxResult(metadata.dataset, metadata.split, n, cam_curve_interval, multi_contour, thresholds,
+                     box_acc, percent[rows], top1_loc, top1_cls)
