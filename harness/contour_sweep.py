@@ -38,11 +38,13 @@ _AREA2 = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 2], dtype=np.int
 # three-corner block, -2 per diagonal pair. A component's hole count is 1 - EULER4 / 4.
 _EULER4 = np.array([0, 1, 1, 0, 1, 0, -2, -1, 1, -2, 0, -1, 0, -1, -1, 0], dtype=np.int64)
 
+# The kernels index a copy of the map padded by one absent pixel on each side, so neighbours need
+# no bounds checks, and the padding ring doubles as "outside" for the hole search.
+
 
 @njit(cache=True, nogil=True)
 def _find(parent, p):
-    # Path halving.
-    while parent[p] != p:
+    while parent[p] != p:  # path halving
         parent[p] = parent[parent[p]]
         p = parent[p]
     return p
@@ -64,23 +66,38 @@ def _max_iou(x0, y0, x1, y1, gt):
     return best
 
 
+@njit(cache=True, nogil=True)
+def quantize_into(scoremap, out):
+    """out = uint8(S * 255), truncating (spec §2.2 step 1), as numpy's astype; returns max(out)."""
+    height, width = scoremap.shape
+    maximum = 0
+    for r in range(height):
+        for c in range(width):
+            v = np.uint8(scoremap[r, c] * 255.0)
+            out[r, c] = v
+            if v > maximum:
+                maximum = v
+    return maximum
+
+
 class Workspace:
     """Scratch arrays for `sweep_levels`, reused across the maps of one thread."""
 
     def __init__(self, height: int, width: int):
-        n = height * width
+        n = (height + 2) * (width + 2)
         self.shape = (height, width)
         self.parent = np.full(n, -1, dtype=np.int32)
         self.size = np.zeros(n, dtype=np.int32)
-        self.box = np.zeros((n, 4), dtype=np.int32)
+        self.box = np.zeros((n, 4), dtype=np.int32)  # x0, y0, x1, y1 of the component, image frame
         self.area2 = np.zeros(n, dtype=np.int32)
         self.euler4 = np.zeros(n, dtype=np.int32)
-        self.flag = np.zeros(n, dtype=np.uint8)  # dirty (1) / touches the image edge (2)
+        self.dirty = np.zeros(n, dtype=np.uint8)
         self.iou = np.zeros(n, dtype=np.float64)
         self.alive = np.zeros(n, dtype=np.int32)
         self.alive_at = np.full(n, -1, dtype=np.int32)
-        self.order = np.zeros(n, dtype=np.int32)
-        self.block = np.zeros((height + 1) * (width + 1), dtype=np.uint8)
+        self.order = np.zeros(height * width, dtype=np.int32)
+        self.block = np.zeros(n, dtype=np.uint8)  # 2x2 blocks, by the padded index of their bottom-right pixel
+        self.quantized = np.zeros((height, width), dtype=np.uint8)
 
 
 def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, largest: bool = True,
@@ -101,19 +118,15 @@ def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, 
     best_largest = np.full(n_slots, np.nan)
     if n_slots == 0:
         return best_all, best_largest
-    _sweep(np.ascontiguousarray(quantized, dtype=np.uint8), level_slot.astype(np.int64), np.ascontiguousarray(gt, dtype=np.int64),
-           largest, best_all, best_largest, w.parent, w.size, w.box, w.area2, w.euler4, w.flag, w.iou,
-           w.alive, w.alive_at, w.order, w.block)
+    _sweep(np.ascontiguousarray(quantized, dtype=np.uint8), level_slot.astype(np.int64),
+           np.ascontiguousarray(gt, dtype=np.int64), largest, best_all, best_largest, w.parent, w.size, w.box,
+           w.area2, w.euler4, w.dirty, w.iou, w.alive, w.alive_at, w.order, w.block)
     return best_all, best_largest
 
 
-_DIRTY = np.uint8(1)
-_EDGE = np.uint8(2)
-
-
 @njit(cache=True, nogil=True)
-def _merge(a, b, parent, size, box, area2, euler4, flag, alive, alive_at, n_alive):
-    """Merge root b into root a (both roots, a != b); returns the new number of live roots."""
+def _merge(a, b, parent, size, box, area2, euler4, dirty, alive, alive_at, n_alive):
+    """Merge root b into root a; returns the new number of live roots (b was live unless outside)."""
     parent[b] = a
     size[a] += size[b]
     box[a, 0] = min(box[a, 0], box[b, 0])
@@ -122,20 +135,22 @@ def _merge(a, b, parent, size, box, area2, euler4, flag, alive, alive_at, n_aliv
     box[a, 3] = max(box[a, 3], box[b, 3])
     area2[a] += area2[b]
     euler4[a] += euler4[b]
-    flag[a] = (flag[a] | flag[b]) | _DIRTY
+    dirty[a] = 1
     k = alive_at[b]
-    n_alive -= 1
-    last = alive[n_alive]
-    alive[k] = last
-    alive_at[last] = k
-    alive_at[b] = -1
+    if k >= 0:
+        n_alive -= 1
+        last = alive[n_alive]
+        alive[k] = last
+        alive_at[last] = k
+        alive_at[b] = -1
     return n_alive
 
 
 @njit(cache=True, nogil=True)
 def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
-           parent, size, box, area2, euler4, flag, iou, alive, alive_at, order, block):
+           parent, size, box, area2, euler4, dirty, iou, alive, alive_at, order, block):
     height, width = quantized.shape
+    wp = width + 2
     n = height * width
     lowest = 256
     highest = -1
@@ -143,33 +158,39 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
         if level_slot[t] >= 0:
             lowest = min(lowest, t)
             highest = max(highest, t)
+    n_slots = best_all.shape[0]
+    has_holes = np.zeros(n_slots, dtype=np.bool_)
 
-    # Pixels bucketed by value (a counting sort): value v is order[start[v]:start[v + 1]].
-    flat = quantized.ravel()
+    # Pixels bucketed by value (a counting sort), as padded indices: value v is order[start[v]:start[v + 1]].
     start = np.zeros(257, dtype=np.int64)
-    for p in range(n):
-        start[flat[p] + 1] += 1
+    for r in range(height):
+        for c in range(width):
+            start[quantized[r, c] + 1] += 1
     for v in range(256):
         start[v + 1] += start[v]
     fill = start[:256].copy()
-    for p in range(n):
-        v = flat[p]
-        order[fill[v]] = p
-        fill[v] += 1
     maximum = 0
-    for v in range(255, -1, -1):
-        if start[v + 1] > start[v]:
-            maximum = v
-            break
+    for r in range(height):
+        for c in range(width):
+            v = quantized[r, c]
+            order[fill[v]] = (r + 1) * wp + c + 1
+            fill[v] += 1
+            if v > maximum:
+                maximum = v
+
+    neighbours8 = np.array([-wp - 1, -wp, -wp + 1, -1, 1, wp - 1, wp, wp + 1])
+    neighbours4 = np.array([-wp, -1, 1, wp])
+    corner_block = np.array([0, 1, wp, wp + 1])  # the blocks this pixel is the BR, BL, TR, TL corner of
+    corner_bit = np.array([8, 4, 2, 1])
 
     # ---- Foreground: 8-connected components of U > t, t falling. -------------------------------
     n_alive = 0
+    euler4_total = 0
     for t in range(maximum - 1, lowest - 1, -1):
-        v = t + 1
-        for i in range(start[v], start[v + 1]):
+        for i in range(start[t + 1], start[t + 2]):
             p = order[i]
-            r = p // width
-            c = p - r * width
+            r = p // wp - 1
+            c = p - (r + 1) * wp - 1
             parent[p] = p
             size[p] = 1
             box[p, 0] = c
@@ -178,44 +199,37 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
             box[p, 3] = r
             area2[p] = 0
             euler4[p] = 0
-            flag[p] = _DIRTY
             alive[n_alive] = p
             alive_at[p] = n_alive
             n_alive += 1
             root = p
-            for dr in range(-1, 2):
-                rr = r + dr
-                if rr < 0 or rr >= height:
+            for k in range(8):
+                q = p + neighbours8[k]
+                if parent[q] < 0:
                     continue
-                for dc in range(-1, 2):
-                    cc = c + dc
-                    if cc < 0 or cc >= width or (dr == 0 and dc == 0):
-                        continue
-                    q = rr * width + cc
-                    if parent[q] < 0:
-                        continue
-                    other = _find(parent, q)
-                    if other == root:
-                        continue
-                    if size[root] < size[other]:
-                        root, other = other, root
-                    n_alive = _merge(root, other, parent, size, box, area2, euler4, flag, alive, alive_at, n_alive)
-            if largest:
-                # The four 2x2 blocks with this pixel as a corner; their present pixels are all
-                # 8-adjacent to it, so they belong to `root` now.
-                for corner in range(4):
-                    bi = r + (1 if corner < 2 else 0)
-                    bj = c + (1 if corner % 2 == 0 else 0)
-                    b = bi * (width + 1) + bj
-                    old = block[b]
-                    new = old | (1 << corner)  # top-left 1, top-right 2, bottom-left 4, bottom-right 8
-                    block[b] = new
-                    area2[root] += _AREA2[new] - _AREA2[old]
-                    euler4[root] += _EULER4[new] - _EULER4[old]
-            flag[root] |= _DIRTY
+                other = _find(parent, q)
+                if other == root:
+                    continue
+                if size[root] < size[other]:
+                    root, other = other, root
+                n_alive = _merge(root, other, parent, size, box, area2, euler4, dirty, alive, alive_at, n_alive)
+            # The 2x2 blocks with this pixel as a corner: their present pixels are all 8-adjacent
+            # to it, so they belong to `root` now.
+            for k in range(4):
+                b = p + corner_block[k]
+                old = block[b]
+                new = old | corner_bit[k]
+                block[b] = new
+                change = _EULER4[new] - _EULER4[old]
+                euler4[root] += change
+                euler4_total += change
+                area2[root] += _AREA2[new] - _AREA2[old]
+            dirty[root] = 1
         slot = level_slot[t]
         if slot < 0:
             continue
+        # Euler number = components - holes, summed over all components.
+        has_holes[slot] = n_alive * 4 != euler4_total
         best = -1.0
         # v1: the candidate with the largest certain (lower-bound) area must beat every other
         # candidate's possible (upper-bound) area, in doubled-area integers.
@@ -226,10 +240,10 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
         upper_second = -1
         for i in range(n_alive):
             a = alive[i]
-            if flag[a] & _DIRTY:
+            if dirty[a]:
                 iou[a] = _max_iou(box[a, 0], box[a, 1], min(box[a, 2] + 1, width - 1),
                                   min(box[a, 3] + 1, height - 1), gt)
-                flag[a] &= ~_DIRTY
+                dirty[a] = 0
             if iou[a] > best:
                 best = iou[a]
             if largest:
@@ -256,53 +270,51 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
             if top_lower > rival and not thin_ring:
                 best_largest[slot] = iou[top_root]
 
-    # Reset what the foreground sweep touched, for the next sweep and the next map.
-    for i in range(start[lowest + 1] if lowest < 255 else n, n):
+    # Reset what the foreground sweep touched.
+    for i in range(start[lowest + 1], n):
         p = order[i]
         parent[p] = -1
         alive_at[p] = -1
-        if largest:
-            r = p // width
-            c = p - r * width
-            block[r * (width + 1) + c] = 0
-            block[r * (width + 1) + c + 1] = 0
-            block[(r + 1) * (width + 1) + c] = 0
-            block[(r + 1) * (width + 1) + c + 1] = 0
+        for k in range(4):
+            block[p + corner_block[k]] = 0
 
-    # ---- Holes: 4-connected components of U <= t off the image edge, t rising. ------------------
+    # ---- Holes: 4-connected components of U <= t not connected to the outside, t rising. --------
+    # Only up to the last level that has a hole at all (most smooth maps have none).
+    last_hole_level = -1
+    for t in range(highest, -1, -1):
+        if level_slot[t] >= 0 and has_holes[level_slot[t]]:
+            last_hole_level = t
+            break
+    if last_hole_level < 0:
+        return
+    outside = 0  # the padding ring is one background component present from the start
+    hp = height + 2
+    for q in range(wp):
+        parent[q] = outside
+        parent[(hp - 1) * wp + q] = outside
+    for r in range(hp):
+        parent[r * wp] = outside
+        parent[r * wp + wp - 1] = outside
+    size[outside] = hp * wp
+    alive_at[outside] = -1
     n_alive = 0
-    for t in range(0, highest + 1):
+    for t in range(0, last_hole_level + 1):
         for i in range(start[t], start[t + 1]):
             p = order[i]
-            r = p // width
-            c = p - r * width
+            r = p // wp - 1
+            c = p - (r + 1) * wp - 1
             parent[p] = p
             size[p] = 1
             box[p, 0] = c
             box[p, 1] = r
             box[p, 2] = c
             box[p, 3] = r
-            area2[p] = 0
-            euler4[p] = 0
-            flag[p] = _DIRTY | (_EDGE if (r == 0 or c == 0 or r == height - 1 or c == width - 1) else 0)
             alive[n_alive] = p
             alive_at[p] = n_alive
             n_alive += 1
             root = p
-            for k4 in range(4):
-                rr = r
-                cc = c
-                if k4 == 0:
-                    rr = r - 1
-                elif k4 == 1:
-                    rr = r + 1
-                elif k4 == 2:
-                    cc = c - 1
-                else:
-                    cc = c + 1
-                if rr < 0 or rr >= height or cc < 0 or cc >= width:
-                    continue
-                q = rr * width + cc
+            for k in range(4):
+                q = p + neighbours4[k]
                 if parent[q] < 0:
                     continue
                 other = _find(parent, q)
@@ -310,25 +322,30 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
                     continue
                 if size[root] < size[other]:
                     root, other = other, root
-                n_alive = _merge(root, other, parent, size, box, area2, euler4, flag, alive, alive_at, n_alive)
+                n_alive = _merge(root, other, parent, size, box, area2, euler4, dirty, alive, alive_at, n_alive)
+            dirty[root] = 1
         slot = level_slot[t]
-        if slot < 0:
+        if slot < 0 or not has_holes[slot]:
             continue
         best = best_all[slot]
-        for i in range(n_alive):
+        for i in range(n_alive):  # every live component is a hole: the others joined the outside
             a = alive[i]
-            if flag[a] & _EDGE:
-                continue
-            if flag[a] & _DIRTY:
+            if dirty[a]:
                 # The hole contour's pixels span the hole's box grown by one; boundingRect then
                 # adds one more on the right and bottom (clipped), as for outer contours.
                 iou[a] = _max_iou(box[a, 0] - 1, box[a, 1] - 1, min(box[a, 2] + 2, width - 1),
                                   min(box[a, 3] + 2, height - 1), gt)
-                flag[a] &= ~_DIRTY
+                dirty[a] = 0
             if iou[a] > best:
                 best = iou[a]
         best_all[slot] = best
-    for i in range(0, start[highest + 1]):
+    for i in range(0, start[last_hole_level + 1]):
         p = order[i]
         parent[p] = -1
         alive_at[p] = -1
+    for q in range(wp):
+        parent[q] = -1
+        parent[(hp - 1) * wp + q] = -1
+    for r in range(hp):
+        parent[r * wp] = -1
+        parent[r * wp + wp - 1] = -1

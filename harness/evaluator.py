@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from numba import njit
 
-from wsolbench.contour_sweep import Workspace, sweep_levels
+from wsolbench.contour_sweep import Workspace, quantize_into, sweep_levels
 from wsolbench.datasets.masks import load_gt_mask
 from wsolbench.datasets.metadata import SplitMetadata
 from wsolbench.errors import InputError, WsolbenchError
@@ -134,8 +134,11 @@ _workspaces = threading.local()
 def best_ious_fast(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
                    largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The same numbers as `best_ious_definition`, from one sweep over the map."""
-    quantized = quantize(scoremap)
-    quantized_max = int(quantized.max())
+    workspace = getattr(_workspaces, "current", None)
+    if workspace is None or workspace.shape != scoremap.shape:
+        workspace = _workspaces.current = Workspace(*scoremap.shape)
+    quantized = workspace.quantized
+    quantized_max = quantize_into(scoremap, quantized)
     levels = threshold_levels(thresholds, quantized_max)
     gt_boxes = np.ascontiguousarray(gt_boxes, dtype=np.int64)
     if quantized_max == 0:  # nothing above any level: the single box [0, 0, 0, 0] everywhere
@@ -144,9 +147,6 @@ def best_ious_fast(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
     distinct, slot_of_threshold = np.unique(levels, return_inverse=True)
     level_slot = np.full(256, -1, dtype=np.int64)
     level_slot[distinct] = np.arange(len(distinct))
-    workspace = getattr(_workspaces, "current", None)
-    if workspace is None or workspace.shape != quantized.shape:
-        workspace = _workspaces.current = Workspace(*quantized.shape)
     best_all, best_largest = sweep_levels(quantized, level_slot, gt_boxes, largest, workspace)
     if not largest:
         return best_all[slot_of_threshold], best_largest[slot_of_threshold]
