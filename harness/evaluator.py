@@ -200,28 +200,38 @@ def accumulate_mask_histograms(scoremap, gt_mask, edges, interval, positive, neg
 # Results
 # ---------------------------------------------------------------------------------------------
 
-def _rounded(value: float) -> float:
-    return float(value)
-
-
 @dataclass
 class BoxResult:
-    """Box metrics of a split, in percent, with the per-threshold curves behind them."""
+    """Box metrics of a split, in percent, with the per-threshold curves behind them.
+
+    `headline` is the metric asked for: "v2" (MaxBoxAccV2) or "v1" (MaxBoxAcc). The V2 curves are
+    always there (GT-known and Top-1 Loc use V2 boxes); the v1 curve when it was computed.
+    """
 
     dataset: str
     split: str
     num_images: int
     cam_curve_interval: float
-    multi_contour: bool
+    headline: str
     thresholds: np.ndarray
-    box_acc: dict[int, np.ndarray]        # the asked metric's boxes (v1 or V2), per IoU threshold
-    gt_known_acc: np.ndarray              # V2 boxes, IoU 50
+    v2_acc: dict[int, np.ndarray]          # all contours, per IoU threshold
+    v1_acc: np.ndarray | None              # the largest contour, IoU 50
+    gt_known_acc: np.ndarray               # V2 boxes, IoU 50
     top1_loc_acc: dict[int, np.ndarray] | None = None  # V2 boxes, class right
     top1_cls: float | None = None
 
     @property
+    def multi_contour(self) -> bool:
+        return self.headline == "v2"
+
+    @property
     def metric(self) -> str:
         return "MaxBoxAccV2" if self.multi_contour else "MaxBoxAcc"
+
+    @property
+    def box_acc(self) -> dict[int, np.ndarray]:
+        """The headline metric's curves, per IoU threshold."""
+        return self.v2_acc if self.multi_contour else {50: self.v1_acc}
 
     @property
     def per_iou(self) -> dict[int, float]:
@@ -230,6 +240,14 @@ class BoxResult:
     @property
     def value(self) -> float:
         return float(np.mean(list(self.per_iou.values())))
+
+    @property
+    def max_box_acc_v2(self) -> float:
+        return float(np.mean([acc.max() for acc in self.v2_acc.values()]))
+
+    @property
+    def max_box_acc(self) -> float | None:
+        return None if self.v1_acc is None else float(self.v1_acc.max())
 
     def best_threshold(self, curve: np.ndarray) -> float:
         return float(self.thresholds[int(np.argmax(curve))])  # the first best, as np.argmax
@@ -245,15 +263,16 @@ class BoxResult:
         if self.top1_loc_acc is not None:
             out["Top-1 Loc"] = float(self.top1_loc_acc[50].max())
             out["Top-1 Loc threshold"] = self.best_threshold(self.top1_loc_acc[50])
-            out["Top-1 Loc per_iou"] = {str(iou): float(acc.max()) for iou, acc in self.top1_loc_acc.items()}
         if self.top1_cls is not None:
             out["Top-1 Cls"] = self.top1_cls
         return out
 
     def curves(self) -> dict:
         out = {"kind": "boxes", "metric": self.metric, "thresholds": self.thresholds.tolist(),
-               "box_acc": {str(iou): acc.tolist() for iou, acc in self.box_acc.items()},
+               "box_acc_v2": {str(iou): acc.tolist() for iou, acc in self.v2_acc.items()},
                "gt_known_acc": self.gt_known_acc.tolist()}
+        if self.v1_acc is not None:
+            out["box_acc_v1"] = {"50": self.v1_acc.tolist()}
         if self.top1_loc_acc is not None:
             out["top1_loc_acc"] = {str(iou): acc.tolist() for iou, acc in self.top1_loc_acc.items()}
         return out
@@ -362,17 +381,114 @@ def read_predictions(path: str | os.PathLike, metadata: SplitMetadata) -> dict[s
     return predictions
 
 
-def top1_accuracy(predictions: dict[str, int], metadata: SplitMetadata) -> float:
-    correct = sum(predictions[i] == metadata.class_labels[i] for i in metadata.image_ids)
-    return 100.0 * correct / len(metadata.image_ids)
-
-
 ScoremapLoader = Callable[[str], np.ndarray]
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for begin in range(0, len(items), size):
         yield items[begin:begin + size]
+
+
+class SplitEvaluator:
+    """Accumulates the maps of one split, in any order and from any number of threads.
+
+    `add(image_id, scoremap, predicted_class)` does the per-map work (the kernels release the
+    GIL, so threads scale) and adds integer counts, so results do not depend on the order or
+    the number of threads. `result()` gives the split's BoxResult or MaskResult.
+    """
+
+    def __init__(self, metadata: SplitMetadata, *, cam_curve_interval: float = 0.001,
+                 box_metric: Literal["v1", "v2"] = "v2", mask_root: str | os.PathLike | None = None,
+                 iou_thresholds: Sequence[int] = IOU_THRESHOLDS, image_size: tuple[int, int] = EVAL_SIZE,
+                 engine: str = "fast", with_v1: bool = False):
+        """`box_metric` is the headline; V2 curves are always computed, v1 when it is the headline
+        or `with_v1` (it costs a little more: the largest contour's area)."""
+        if metadata.localization == "none":
+            raise WsolbenchError(f"{metadata.file('localization')}: empty, so {metadata.dataset}/{metadata.split} "
+                                 f"has no boxes or masks to evaluate against")
+        if metadata.localization == "masks":
+            if mask_root is None:
+                raise WsolbenchError(f"{metadata.dataset}/{metadata.split} has masks: pass --mask-root, the folder "
+                                     f"the mask paths in {metadata.file('localization')} are relative to")
+            metadata.check_mask_files(mask_root)
+        if engine not in ENGINES:
+            raise WsolbenchError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+        if box_metric not in ("v1", "v2"):
+            raise WsolbenchError(f"unknown box metric {box_metric!r} (v1 or v2)")
+        self.metadata = metadata
+        self.cam_curve_interval = cam_curve_interval
+        self.thresholds = score_thresholds(cam_curve_interval)
+        self.headline = box_metric
+        self.with_v1 = with_v1 or box_metric == "v1"
+        self.iou_thresholds = tuple(iou_thresholds)
+        self.mask_root = mask_root
+        self.image_size = tuple(image_size)
+        self.best_ious = ENGINES[engine]
+        self.edges = histogram_edges(self.thresholds)
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._correct_classes = 0
+        self._predicted = 0
+        if metadata.localization == "boxes":
+            # rows: V2 per IoU threshold, Top-1 Loc (V2) per IoU threshold, GT-known (V2, 50), v1 (50).
+            self._counts = np.zeros((2 * len(self.iou_thresholds) + 2, len(self.thresholds)), dtype=np.int64)
+        else:
+            self._counts = np.zeros((2, len(self.edges) - 1), dtype=np.int64)
+
+    def add(self, image_id: str, scoremap: np.ndarray, predicted_class: int | None = None) -> None:
+        """Add one checked float64 map at `image_size`; `predicted_class` adds to Top-1 Loc/Cls."""
+        label = self.metadata.class_labels[image_id]
+        if self.metadata.localization == "boxes":
+            counts = self._box_counts(image_id, scoremap, predicted_class == label)
+        else:
+            counts = np.zeros_like(self._counts)
+            gt_mask = load_gt_mask(self.mask_root, self.metadata.masks[image_id], self.image_size)
+            accumulate_mask_histograms(scoremap, gt_mask, self.edges, self.cam_curve_interval, counts[0], counts[1])
+        with self._lock:
+            if image_id in self._seen:
+                raise WsolbenchError(f"{self.metadata.dataset}/{self.metadata.split}: map of {image_id!r} added twice")
+            self._seen.add(image_id)
+            self._counts += counts
+            if predicted_class is not None:
+                self._predicted += 1
+                self._correct_classes += predicted_class == label
+
+    def _box_counts(self, image_id: str, scoremap: np.ndarray, right_class: bool) -> np.ndarray:
+        height, width = self.image_size
+        original = self.metadata.image_sizes[image_id]
+        gt = np.array([rescale_box(b, original, (width, height)) for b in self.metadata.boxes[image_id]],
+                      dtype=np.int64)
+        best_all, best_largest = self.best_ious(scoremap, gt, self.thresholds, largest=self.with_v1)
+        rows = len(self.iou_thresholds)
+        counts = np.zeros_like(self._counts)
+        for row, iou in enumerate(self.iou_thresholds):
+            counts[row] = best_all >= iou / 100
+            if right_class:  # Top-1 Loc: V2 boxes whichever metric is the headline (spec §2.4)
+                counts[rows + row] = counts[row]
+        counts[2 * rows] = best_all >= 50 / 100  # GT-known: V2 boxes, IoU 50
+        if self.with_v1:
+            counts[2 * rows + 1] = best_largest >= 50 / 100
+        return counts
+
+    def result(self) -> BoxResult | MaskResult:
+        meta = self.metadata
+        missing = len(meta.image_ids) - len(self._seen)
+        if missing:
+            first = next(i for i in meta.image_ids if i not in self._seen)
+            raise WsolbenchError(f"{meta.dataset}/{meta.split}: {missing} map(s) never added, the first {first!r}")
+        n = len(meta.image_ids)
+        with_predictions = self._predicted == n
+        top1_cls = 100.0 * self._correct_classes / n if with_predictions else None
+        if meta.localization == "masks":
+            return MaskResult(meta.dataset, meta.split, n, self.cam_curve_interval, self.edges,
+                              self._counts[0].copy(), self._counts[1].copy(), top1_cls=top1_cls)
+        rows = len(self.iou_thresholds)
+        percent = self._counts * 100 / n
+        v2_acc = {iou: percent[i] for i, iou in enumerate(self.iou_thresholds)}
+        top1_loc = {iou: percent[rows + i] for i, iou in enumerate(self.iou_thresholds)} if with_predictions else None
+        v1_acc = percent[2 * rows + 1] if self.with_v1 else None
+        return BoxResult(meta.dataset, meta.split, n, self.cam_curve_interval, self.headline, self.thresholds,
+                         v2_acc, v1_acc, percent[2 * rows], top1_loc, top1_cls)
 
 
 def evaluate_split(metadata: SplitMetadata, load_scoremap: ScoremapLoader, *,
@@ -388,76 +504,35 @@ def evaluate_split(metadata: SplitMetadata, load_scoremap: ScoremapLoader, *,
     """Evaluate the maps of every image of a split; boxes or masks as its localization file says.
 
     `load_scoremap(image_id)` returns a checked float64 map of `image_size` (see
-    wsolbench.scoremaps.load_scoremap). Maps are streamed: at most a few chunks are in memory.
-    `workers` threads (default: the CPU count, at most 8) share the work; the kernels release the
-    GIL. Results do not depend on the number of workers (all accumulation is integer counts).
+    wsolbench.scoremaps.load_scoremap). Maps are streamed in chunks by `workers` threads
+    (default: the CPU count, at most 8); at most a few chunks are in memory.
     """
-    thresholds = score_thresholds(cam_curve_interval)
-    if metadata.localization == "none":
-        raise WsolbenchError(f"{metadata.file('localization')}: empty, so {metadata.dataset}/{metadata.split} "
-                             f"has no boxes or masks to evaluate against")
-    if metadata.localization == "masks":
-        if mask_root is None:
-            raise WsolbenchError(f"{metadata.dataset}/{metadata.split} has masks: pass --mask-root, the folder "
-                                 f"the mask paths in {metadata.file('localization')} are relative to")
-        metadata.check_mask_files(mask_root)
-    if engine not in ENGINES:
-        raise WsolbenchError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
-    best_ious = ENGINES[engine]
-    multi_contour = box_metric == "v2"
-    iou_thresholds = tuple(iou_thresholds) if multi_contour else (50,)
-    num_thresholds = len(thresholds)
-    edges = histogram_edges(thresholds)
-    height, width = image_size
+    evaluator = SplitEvaluator(metadata, cam_curve_interval=cam_curve_interval, box_metric=box_metric,
+                               mask_root=mask_root, iou_thresholds=iou_thresholds, image_size=image_size,
+                               engine=engine)
 
-    def box_chunk(image_ids: Sequence[str]) -> np.ndarray:
-        # rows: the metric's IoU thresholds, then GT-known (V2, 50), then Top-1 Loc per IoU.
-        counts = np.zeros((2 * len(iou_thresholds) + 1, num_thresholds), dtype=np.int64)
+    def work(image_ids: Sequence[str]) -> None:
         for image_id in image_ids:
-            scoremap = load_scoremap(image_id)
-            original = metadata.image_sizes[image_id]
-            gt = np.array([rescale_box(b, original, (width, height)) for b in metadata.boxes[image_id]],
-                          dtype=np.int64)
-            best_all, best_largest = best_ious(scoremap, gt, thresholds, largest=not multi_contour)
-            metric_best = best_all if multi_contour else best_largest
-            right_class = predictions is not None and predictions[image_id] == metadata.class_labels[image_id]
-            for row, iou in enumerate(iou_thresholds):
-                counts[row] += metric_best >= iou / 100
-                if right_class:  # Top-1 Loc: V2 boxes whichever metric is asked (spec §2.4)
-                    counts[len(iou_thresholds) + 1 + row] += best_all >= iou / 100
-            counts[len(iou_thresholds)] += best_all >= 50 / 100  # GT-known: V2 boxes, IoU 50
-        return counts
+            evaluator.add(image_id, load_scoremap(image_id), predictions[image_id] if predictions else None)
 
-    def mask_chunk(image_ids: Sequence[str]) -> np.ndarray:
-        hists = np.zeros((2, len(edges) - 1), dtype=np.int64)
-        for image_id in image_ids:
-            scoremap = load_scoremap(image_id)
-            gt_mask = load_gt_mask(mask_root, metadata.masks[image_id], image_size)
-            accumulate_mask_histograms(scoremap, gt_mask, edges, cam_curve_interval, hists[0], hists[1])
-        return hists
-
-    work = box_chunk if metadata.localization == "boxes" else mask_chunk
-    total = None
     workers = workers or min(os.cpu_count() or 1, 8)
-    # Chunks small enough to keep both threads busy, large enough that the per-chunk count arrays
-    # (kept until consumed, in order) stay a few MB even for 50,000 maps.
+    # Chunks small enough to keep every thread busy, large enough to amortise the scheduling.
     chunk_size = max(1, min(64, math.ceil(len(metadata) / (4 * workers))))
+    chunks = list(_chunks(metadata.image_ids, chunk_size))
     bar = None
     if progress is True:
         from tqdm import tqdm
         bar = tqdm(total=len(metadata), desc=f"evaluate {metadata.dataset}/{metadata.split}", unit="map",
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     try:
-        chunks = list(_chunks(metadata.image_ids, chunk_size))
         if workers <= 1:
-            results = map(work, chunks)
+            done = map(work, chunks)
             pool = None
         else:
             pool = ThreadPoolExecutor(max_workers=workers)
-            results = pool.map(work, chunks)
+            done = pool.map(work, chunks)
         try:
-            for chunk, result in zip(chunks, results):
-                total = result if total is None else total + result
+            for chunk, _ in zip(chunks, done):
                 if bar is not None:
                     bar.update(len(chunk))
                 elif callable(progress):
@@ -468,17 +543,4 @@ def evaluate_split(metadata: SplitMetadata, load_scoremap: ScoremapLoader, *,
     finally:
         if bar is not None:
             bar.close()
-
-    n = len(metadata)
-    top1_cls = top1_accuracy(predictions, metadata) if predictions is not None else None
-    if metadata.localization == "masks":
-        return MaskResult(metadata.dataset, metadata.split, n, cam_curve_interval, edges,
-                          total[0], total[1], top1_cls=top1_cls)
-    rows = len(iou_thresholds)
-    percent = total * 100 / n
-    box_acc = {iou: percent[i] for i, iou in enumerate(iou_thresholds)}
-    top1_loc = None
-    if predictions is not None:
-        top1_loc = {iou: percent[rows + 1 + i] for i, iou in enumerate(iou_thresholds)}
-    return BoxResult(metadata.dataset, metadata.split, n, cam_curve_interval, multi_contour, thresholds,
-                     box_acc, percent[rows], top1_loc, top1_cls)
+    return evaluator.result()

@@ -1,0 +1,7 @@
+"""WSOL methods: backbones, one module per method (registered by name), and the DA-WSOL wrapper."""
+from wsolbench.methods.registry import available_methods, method_class, register_method
+
+# Each method module registers itself on import.
+from wsolbench.methods import cam  # noqa: E402,F401
+
+__all__ = ["available_methods", "method_class", "register_method"]

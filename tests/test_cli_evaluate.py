@@ -75,8 +75,8 @@ def test_table_output_and_curves_file(box_split, capsys):
     assert code == 0
     assert "MaxBoxAccV2" in out and "GT-known Loc" in out and "IoU 70" in out
     curves = json.loads((root / "curves.json").read_text())
-    assert len(curves["thresholds"]) == 100 and len(curves["box_acc"]["50"]) == 100
-    assert max(curves["box_acc"]["50"]) == 100.0
+    assert len(curves["thresholds"]) == 100 and len(curves["box_acc_v2"]["50"]) == 100
+    assert max(curves["box_acc_v2"]["50"]) == 100.0
 
 
 def test_mask_split_json_and_curves(shared_dir, tmp_path, capsys):

@@ -1,0 +1,159 @@
+"""The training loop (spec §6.1), plain enough to read top to bottom.
+
+    trainer = Trainer(model, config, device)
+    for epoch in range(config.epochs):
+        trainer.start_epoch(epoch)                       # LR schedule, per-epoch seeds
+        stats = trainer.train_epoch(train_loader, epoch)
+    for batch in trainer.predict(test_loader): ...      # logits and raw CAMs, eval mode
+
+`model` is a WSOL method, or a method wrapped by DA-WSOL: both offer training_step, predict,
+lr_multiplier, decays, extra_state. Nothing here knows which method it trains.
+
+Optimiser: SGD, momentum 0.9, nesterov, weight decay on every parameter (BN and biases too), one
+parameter group per learning-rate multiplier (spec §3: the classifier at x10). LR schedule: at the
+start of 1-indexed epoch e the LR is lr0 * 0.1^floor(e / f) (spec §6.1), except for parameters
+the model says never decay (DANN's domain classifier, spec §5.9).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsolbench.config import TrainConfig
+from wsolbench.methods.base import TrainingProgress
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch: every epoch's randomness depends on (seed, epoch) only, so a run
+    resumed at epoch e draws exactly what the uninterrupted run drew."""
+    return (seed * 1_000_003 + epoch * 7919) % (2 ** 31)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(epoch: int, decay_frequency: int) -> float:
+    """0.1^floor(e / f) for the 1-indexed epoch e = epoch + 1 (spec §6.1, §8 item 13)."""
+    return 0.1 ** ((epoch + 1) // decay_frequency)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    lr: float
+    loss: float
+    train_top1: float  # on augmented batches in train mode (spec §2.4)
+    images: int
+    seconds: float
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ms_per_image(self) -> float:
+        return 1000.0 * self.seconds / max(self.images, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch + 1, "lr": self.lr, "loss": self.loss, "train_top1": self.train_top1,
+                "train_ms_per_image": self.ms_per_image, **self.logs}
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device):
+        self.model = model.to(device)
+        self.config = config
+        self.device = device
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                key = (self.model.lr_multiplier(name), self.model.decays(name))
+                groups.setdefault(key, []).append(parameter)
+        # lr_classifier_ratio is the x10 of spec §3; a multiplier of 10 means "classifier group".
+        self.optimizer = torch.optim.SGD(
+            [{"params": params, "lr_multiplier": (config.lr_classifier_ratio if multiplier == 10.0 else multiplier),
+              "decays": decays} for (multiplier, decays), params in sorted(groups.items())],
+            lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+        self.current_lr = config.lr
+        self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                         if config.precision == "bf16" else contextlib.nullcontext())
+
+    def start_epoch(self, epoch: int) -> float:
+        """Set every group's LR for this 0-based epoch and seed its randomness; returns the base LR."""
+        factor = lr_factor(epoch, self.config.lr_decay_frequency)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * group["lr_multiplier"] * (factor if group["decays"] else 1.0)
+        seed_everything(epoch_seed(self.config.seed, epoch))
+        self.current_lr = self.config.lr * factor
+        return self.current_lr
+
+    def train_epoch(self, loader, epoch: int, on_batch: Callable[[int, dict], None] | None = None) -> EpochStats:
+        self.model.train()
+        iterations = len(loader)
+        total_loss, correct, seen = 0.0, 0, 0
+        logs_sum: dict[str, float] = {}
+        start = time.perf_counter()
+        for batch_index, (images, labels, _) in enumerate(loader):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.config.channels_last:
+                images = images.to(memory_format=torch.channels_last)
+            progress = TrainingProgress(epoch, batch_index, iterations, self.config.epochs)
+            with self.autocast:
+                out = self.model.training_step(images, labels, progress)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            batch = labels.shape[0]
+            loss = float(out.loss.detach())
+            total_loss += loss * batch
+            correct += int((out.logits.detach().argmax(dim=1) == labels).sum())
+            seen += batch
+            for key, value in out.logs.items():
+                logs_sum[key] = logs_sum.get(key, 0.0) + float(value) * batch
+            if on_batch is not None:
+                on_batch(batch, {"loss": loss, **out.logs})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        return EpochStats(epoch, self.current_lr, total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, seconds,
+                          {key: value / max(seen, 1) for key, value in logs_sum.items()})
+
+    @torch.no_grad()
+    def predict(self, loader, labels_of: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(indices, logits, raw CAMs of the ground-truth class) per batch, in eval mode (spec §1.5)."""
+        self.model.eval()
+        for images, labels, indices in loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.config.channels_last:
+                images = images.to(memory_format=torch.channels_last)
+            with self.autocast:
+                logits, cams = self.model.predict(images, labels_of(labels).to(self.device))
+            yield indices.numpy(), logits.float().cpu().numpy(), cams.float().cpu().numpy()
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "extra": self.model.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_extra_state(state["extra"])
+
+
+def median_ms_per_image(history: list[EpochStats], start_epoch: int) -> float:
+    """Paper Table 4's train measure: the median epoch time per image, over the epochs after
+    the warm-up (where DA-WSOL's loss is active), or all epochs if there are no others."""
+    after = [s.ms_per_image for s in history if s.epoch > start_epoch]
+    return statistics.median(after or [s.ms_per_image for s in history])

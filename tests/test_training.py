@@ -1,0 +1,181 @@
+"""Training: the loop, the run folder, resume, determinism, and the errors before training starts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsolbench.config import resolve_config
+from wsolbench.datasets import synthetic
+from wsolbench.errors import WsolbenchError
+from wsolbench.evaluator import evaluate_split
+from wsolbench.datasets.metadata import read_split
+from wsolbench.experiment import build_model, train_and_evaluate
+from wsolbench.methods.backbones import build_backbone
+from wsolbench.methods.base import ClassifierHead
+from wsolbench.scoremaps import load_scoremap
+from wsolbench.trainer import lr_factor
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    synthetic.generate(root, seed=3, num_classes=3, train_per_class=8, val_per_class=3, test_per_class=3)
+    return root
+
+
+def tiny_config(data: Path, out: Path, **overrides):
+    values = dict(dataset="SyntheticBoxes", data_root=str(data / "images"), metadata_root=str(data / "metadata"),
+                  mask_root=str(data / "masks"), image_size=64, epochs=2, batch_size=8, eval_batch_size=16,
+                  workers=0, eval_frequency=1, lr=0.01, device="cpu", seed=1, out=str(out),
+                  source_samples=4, target_samples=4)
+    values.update(overrides)
+    return resolve_config(values)
+
+
+FIGURES = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc", "maxboxacc_v2")
+
+
+def test_lr_schedule_decays_at_the_start_of_epochs_divisible_by_f():
+    # Spec §6.1: f = 3, 10 epochs -> epochs 1-2 at lr0, 3-5 at 0.1, 6-8 at 0.01, 9-10 at 0.001.
+    factors = [lr_factor(epoch, 3) for epoch in range(10)]
+    assert factors == pytest.approx([1, 1, .1, .1, .1, .01, .01, .01, .001, .001])
+    assert [lr_factor(e, 30) for e in (28, 29, 49)] == pytest.approx([1, .1, .1])
+
+
+@pytest.mark.parametrize("profile, family", [("DA", "resnet"), ("WE", "resnet"), ("WE", "inception")])
+def test_cam_is_the_classifier_applied_at_every_position(profile, family):
+    torch.manual_seed(0)
+    head = ClassifierHead(6, 4, profile, family)
+    features = torch.rand(2, 6, 5, 7)
+    classes = torch.tensor([3, 1])
+    cams = head.class_maps(features, classes)
+    weight = head.weight
+    manual = torch.stack([torch.einsum("c,chw->hw", weight[k], features[b]) for b, k in enumerate(classes)])
+    if profile == "WE" and family == "resnet":
+        expected = manual / 6  # WE's ResNet/VGG CAM: channel mean of w (.) F, no bias
+    else:
+        expected = manual + head.fc.bias[classes][:, None, None]
+        if profile == "DA":  # float32 min-max per map
+            flat = expected.flatten(1)
+            expected = ((flat - flat.min(1, keepdim=True).values) /
+                        (flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values)).view_as(expected)
+    assert torch.allclose(cams, expected, atol=1e-6)
+    # The logits are the same linear map on the GAP vector.
+    logits = head(features.mean(dim=(2, 3)))
+    assert torch.allclose(logits, features.mean(dim=(2, 3)) @ weight.T + head.fc.bias, atol=1e-6)
+
+
+def test_lr_groups_put_the_classifier_at_ten_times():
+    config = resolve_config(dict(dataset="SyntheticBoxes", data_root="x", out="y", method="cam", uda="mmd",
+                                 backbone="resnet18", pretrained="none"))
+    model = build_model(config, num_classes=3)
+    multipliers = {name: model.lr_multiplier(name) for name, _ in model.named_parameters()}
+    assert multipliers["method.head.fc.weight"] == 10.0
+    assert multipliers["method.backbone.layer4.0.conv1.weight"] == 1.0  # profile DA: extractor x1
+    assert all(v == 1.0 for k, v in multipliers.items() if k.startswith("method.backbone."))
+
+
+def test_two_epoch_training_writes_the_run_folder_and_rescoring_agrees(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    metrics = train_and_evaluate(tiny_config(tiny_dataset, out), log=lambda _: None)
+    for name in ("config.json", "history.json", "metrics.json", "curves.json", "checkpoints/last.pt",
+                 "predictions/test.csv"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in FIGURES:
+        assert 0.0 <= saved[key] <= 100.0, key
+    assert saved["train_ms_per_image"] > 0 and saved["test_ms_per_image"] > 0
+    assert saved["config"]["seed"] == 1 and "torch" in saved["environment"]
+    history = json.loads((out / "history.json").read_text())
+    assert [entry["epoch"] for entry in history["train"]] == [1, 2]
+    assert [entry["epoch"] for entry in history["val"]] == [1, 2]
+    # The saved maps re-score to the same numbers through the evaluator, as a user would.
+    meta = read_split(tiny_dataset / "metadata", "SyntheticBoxes", "test")
+    assert len(list((out / "scoremaps" / "test").rglob("*.npy"))) == len(meta)
+    predictions = {line.split(",")[0]: int(line.split(",")[1])
+                   for line in (out / "predictions" / "test.csv").read_text().splitlines()[1:]}
+    rescored = evaluate_split(meta, lambda i: load_scoremap(out / "scoremaps" / "test", i, (64, 64)),
+                              predictions=predictions, image_size=(64, 64)).to_dict()
+    assert rescored["MaxBoxAccV2"] == pytest.approx(metrics["maxboxacc_v2"], abs=1e-9)
+    assert rescored["Top-1 Loc"] == pytest.approx(metrics["top1_loc"], abs=1e-9)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def kill_after_first_epoch(line: str) -> None:
+    if line.startswith("epoch 1/"):
+        raise Interrupt
+
+
+@pytest.mark.parametrize("uda", ["none", "mmd"])
+def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tiny_dataset, tmp_path, uda):
+    whole = train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "whole", uda=uda), log=lambda _: None)
+    killed = tiny_config(tiny_dataset, tmp_path / "killed", uda=uda)
+    with pytest.raises(Interrupt):
+        train_and_evaluate(killed, log=kill_after_first_epoch)
+    assert (tmp_path / "killed" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    resumed = train_and_evaluate(killed, resume=True, log=lambda _: None)
+    for key in FIGURES:
+        assert resumed[key] == whole[key], key
+    if uda == "mmd":
+        history = json.loads((tmp_path / "whole" / "history.json").read_text())["train"]
+        assert "L_d" not in history[0] and history[1]["valid"] > 0  # warm-up epoch, then DA-WSOL
+
+
+def test_same_seed_same_metrics(tiny_dataset, tmp_path):
+    first = train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda _: None)
+    second = train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "b", epochs=1), log=lambda _: None)
+    assert {k: first[k] for k in FIGURES} == {k: second[k] for k in FIGURES}
+
+
+def test_mask_dataset_trains_and_reports_pxap(tiny_dataset, tmp_path):
+    metrics = train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "m", dataset="SyntheticMasks", epochs=1),
+                                 log=lambda _: None)
+    assert 0 <= metrics["pxap"] <= 100 and 0 <= metrics["piou"] <= 100
+
+
+def test_a_missing_image_fails_before_training_naming_it(tiny_dataset, tmp_path):
+    broken = tmp_path / "data"
+    import shutil
+    shutil.copytree(tiny_dataset, broken)
+    victim = sorted((broken / "images" / "val").rglob("*.png"))[1]
+    victim.unlink()
+    with pytest.raises(WsolbenchError, match=rf"{victim}: image file does not exist"):
+        train_and_evaluate(tiny_config(broken, tmp_path / "run"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_image_is_named(tiny_dataset, tmp_path):
+    import shutil
+    broken = tmp_path / "data"
+    shutil.copytree(tiny_dataset, broken)
+    victim = sorted((broken / "images" / "train").rglob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    with pytest.raises(WsolbenchError, match=rf"{victim}: unreadable image"):
+        train_and_evaluate(tiny_config(broken, tmp_path / "run"), log=lambda _: None)
+
+
+def test_an_unknown_method_lists_the_known_ones(tiny_dataset, tmp_path):
+    with pytest.raises(WsolbenchError, match=r"unknown method 'gradcam'; available: .*cam"):
+        train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "run", method="gradcam"), log=lambda _: None)
+
+
+def test_an_existing_run_folder_is_not_overwritten(tiny_dataset, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(WsolbenchError, match="exists and is not empty"):
+        train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "run"), log=lambda _: None)
+
+
+def test_pretrained_imagenet_without_a_local_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.hub.set_dir(str(tmp_path / "torch" / "hub"))
+    with pytest.raises(WsolbenchError, match="resnet18-f37072fd.pth"):
+        build_backbone("resnet18", pretrained="imagenet")
