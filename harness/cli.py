@@ -198,7 +198,9 @@ def _add_train(subparsers) -> None:
     p.add_argument("--method-option", action="append", default=None, metavar="NAME=VALUE",
                    help="a method hyper-parameter, e.g. --method-option drop_rate=0.5 (repeatable)")
     p.add_argument("--uda", choices=("none", "mmd", "dann"), help="DA-WSOL's domain adaption loss (default none)")
-    p.add_argument("--profile", choices=("DA", "WE"), help="reference profile: heads and LR groups (default DA)")
+    p.add_argument("--profile", choices=("auto", "DA", "WE"),
+                   help="reference profile: heads and LR groups (default auto: DA, or WE for methods only "
+                        "the wsolevaluation code has, acol and spg)")
     p.add_argument("--backbone", help="resnet50, vgg16, inception_v3 or resnet18")
     p.add_argument("--pretrained", help="imagenet (from torchvision's local cache only), none, or a .pth path")
     p.add_argument("--large-feature-map", action=argparse.BooleanOptionalAction, default=None)

@@ -37,7 +37,7 @@ class TrainConfig:
     method: str = "cam"
     method_options: dict[str, Any] = field(default_factory=dict)
     uda: str = "none"
-    profile: str = "DA"
+    profile: str = "auto"  # "DA", "WE", or "auto": the method's first profile (DA; WE for acol/spg)
     backbone: str = "resnet50"
     pretrained: str = "imagenet"
     large_feature_map: bool = True
@@ -89,8 +89,8 @@ class TrainConfig:
             problems.append(f"--device must be one of {', '.join(DEVICE_CHOICES)}")
         if self.precision not in PRECISION_CHOICES:
             problems.append(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
-        if self.profile not in ("DA", "WE"):
-            problems.append("--profile must be DA or WE")
+        if self.profile not in ("auto", "DA", "WE"):
+            problems.append("--profile must be auto, DA or WE")
         if self.box_metric not in ("v1", "v2"):
             problems.append("box_metric must be v1 or v2")
         for name in ("epochs", "batch_size", "image_size", "lr_decay_frequency", "eval_frequency", "eval_batch_size"):
@@ -152,9 +152,9 @@ def recipe_for(dataset: str, backbone: str, profile: str, method: str) -> tuple[
     """(name, values) of the recipe behind the defaults of a run."""
     if dataset in SYNTHETIC_DATASETS:
         return "wsolbench synthetic (CPU minutes)", dict(_SYNTHETIC_RECIPE)
-    if profile == "DA" and (dataset, backbone) in _DA_RECIPES:
+    if profile in ("DA", "auto") and (dataset, backbone) in _DA_RECIPES:
         return f"spec §6.2 DA-WSOL {dataset} {backbone}", dict(_DA_RECIPES[dataset, backbone])
-    if profile == "WE" and dataset in _WE_SCHEDULES:
+    if profile in ("WE", "auto") and dataset in _WE_SCHEDULES:
         values = dict(_WE_SCHEDULES[dataset])
         values["weight_decay"] = 1e-4 if backbone.startswith("resnet") else 5e-4
         values["large_feature_map"] = backbone != "vgg16"

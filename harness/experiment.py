@@ -56,11 +56,14 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     if config.backbone not in cls.backbones:
         raise WsolbenchError(f"method {config.method!r} has no {config.backbone} variant "
                              f"(it has {', '.join(cls.backbones)})")
-    options = options_from(cls, config.method_options)
+    profile = cls.profiles[0] if config.profile == "auto" else config.profile
+    if profile not in cls.profiles:
+        raise WsolbenchError(f"method {config.method!r} has no profile {profile!r} (it has {', '.join(cls.profiles)})")
+    options = options_from(cls, profile, config.method_options)
     backbone = build_backbone(config.backbone, variant=cls.backbone_variant, large_feature_map=config.large_feature_map,
                               pretrained=config.pretrained, **cls.backbone_extras(options))
-    method = cls(backbone, num_classes, config.profile, options)
-    if config.profile == "WE" and config.dataset == "ILSVRC":
+    method = cls(backbone, num_classes, profile, options)
+    if profile == "WE" and config.dataset == "ILSVRC":
         method.load_pretrained_classifier()  # spec §3.1: WE loads the 1000-class fc on ILSVRC
     if config.uda == "none":
         return method

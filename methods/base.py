@@ -141,6 +141,12 @@ class WSOLMethod(nn.Module):
 
     # --- what a method may override ----------------------------------------------------------
     @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        """Option values that differ by profile (spec §4.7: WE and DA code defaults differ);
+        the Options dataclass holds one profile's, this returns the other's overrides."""
+        return {}
+
+    @classmethod
     def backbone_extras(cls, options: Any) -> dict[str, Any]:
         """Extra arguments for build_backbone (e.g. ADL's layers at the insert points)."""
         return {}
@@ -196,11 +202,11 @@ class WSOLMethod(nn.Module):
         return True
 
 
-def options_from(cls: type[WSOLMethod], values: dict[str, Any]) -> Any:
-    """Build a method's Options from plain values, rejecting unknown names."""
+def options_from(cls: type[WSOLMethod], profile: str, values: dict[str, Any]) -> Any:
+    """A method's Options: its defaults for the profile, overridden by plain values (names checked)."""
     known = {f.name: f for f in dataclasses.fields(cls.Options)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise WsolbenchError(f"method {cls.name!r} has no option(s) {', '.join(unknown)}; "
                              f"its options are: {', '.join(known) or '(none)'}")
-    return cls.Options(**values)
+    return cls.Options(**{**cls.profile_defaults(profile), **values})
