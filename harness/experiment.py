@@ -61,7 +61,7 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
         raise WsolbenchError(f"method {config.method!r} has no profile {profile!r} (it has {', '.join(cls.profiles)})")
     options = options_from(cls, profile, config.method_options)
     backbone = build_backbone(config.backbone, variant=cls.backbone_variant, large_feature_map=config.large_feature_map,
-                              pretrained=config.pretrained, **cls.backbone_extras(options))
+                              pretrained=config.pretrained)
     method = cls(backbone, num_classes, profile, options)
     if profile == "WE" and config.dataset == "ILSVRC":
         method.load_pretrained_classifier()  # spec §3.1: WE loads the 1000-class fc on ILSVRC

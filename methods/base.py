@@ -146,11 +146,6 @@ class WSOLMethod(nn.Module):
         the Options dataclass holds one profile's, this returns the other's overrides."""
         return {}
 
-    @classmethod
-    def backbone_extras(cls, options: Any) -> dict[str, Any]:
-        """Extra arguments for build_backbone (e.g. ADL's layers at the insert points)."""
-        return {}
-
     def features(self, images: Tensor) -> Tensor:
         """F (B, C, h, w)."""
         return self.backbone(images)[0]
