@@ -34,13 +34,14 @@ def kmeans(
     *,
     max_iter: int = 300,
     tol: float = 1e-4,
-    sync_every: int = 5,
+    sync_every: int | None = None,
 ) -> KMeansResult:
     """Run P independent K-means problems from given centres, as sklearn's Lloyd would.
 
     points: (P, N, C); initial_centres: (P, K, C). Both are detached and cast to float32.
     sync_every: Lloyd iterations between host checks for finished problems. It changes only
     speed, never results: a finished problem is frozen on the device until the next check.
+    Default: every iteration on the CPU (a check costs nothing there), every 5 on a GPU.
     """
     if points.dim() != 3 or initial_centres.dim() != 3:
         raise ValueError(
@@ -57,6 +58,9 @@ def kmeans(
     if num_points < num_clusters:
         # sklearn refuses this too (n_samples must be >= n_clusters).
         raise ValueError(f"kmeans needs at least K={num_clusters} points, got N={num_points}")
+    on_host = points.device.type == "cpu"
+    if sync_every is None:
+        sync_every = 1 if on_host else 5
     if max_iter < 1 or sync_every < 1:
         raise ValueError("kmeans needs max_iter >= 1 and sync_every >= 1")
 
@@ -92,8 +96,8 @@ def kmeans(
     done = torch.zeros(num_problems, dtype=torch.bool, device=device)
 
     for iteration in range(max_iter):
-        labels = _nearest_centre(centred64, centres)
-        new_centres = _update_centres(centred, centred64, centres, labels)
+        labels = _nearest_centre(centred64, centres, on_host)
+        new_centres = _update_centres(centred, centred64, centres, labels, on_host)
         centre_shift = (new_centres.to(torch.float64) - centres.to(torch.float64)).square().sum(
             dim=(1, 2)
         )
@@ -151,7 +155,7 @@ def _write_results(
     final_labels = torch.where(
         final_strict[:, None],
         previous_labels[finished_index],
-        _nearest_centre(centred64[finished_index], final_centres),
+        _nearest_centre(centred64[finished_index], final_centres, centres.device.type == "cpu"),
     )
     target = working[finished_index]
     out_centres[target] = final_centres
@@ -160,8 +164,12 @@ def _write_results(
     out_strict[target] = final_strict
 
 
-def _nearest_centre(points64: Tensor, centres: Tensor) -> Tensor:
-    """E-step: the index of the nearest centre, ties to the lowest index (spec §5.4)."""
+def _nearest_centre(points64: Tensor, centres: Tensor, on_host: bool = False) -> Tensor:
+    """E-step: the index of the nearest centre, ties to the lowest index (spec §5.4).
+
+    on_host: the tensors are on the CPU, where asking whether a rare case occurs costs nothing,
+    so its branch-free handling (written for GPUs) is skipped when it does not.
+    """
     centres64 = centres.to(torch.float64)
     # ||x - c||^2 minus the per-point constant ||x||^2, which does not change the argmin.
     distances = centres64.square().sum(dim=2)[:, None, :] - 2.0 * torch.bmm(
@@ -173,6 +181,8 @@ def _nearest_centre(points64: Tensor, centres: Tensor) -> Tensor:
     for later in range(1, num_clusters):
         for earlier in range(later):
             same_centre = (centres[:, earlier] == centres[:, later]).all(dim=1)
+            if on_host and not bool(same_centre.any()):
+                continue
             distances[:, :, later] = torch.where(
                 same_centre[:, None], distances[:, :, earlier], distances[:, :, later]
             )
@@ -180,7 +190,8 @@ def _nearest_centre(points64: Tensor, centres: Tensor) -> Tensor:
     return distances.argmin(dim=2)
 
 
-def _update_centres(points: Tensor, points64: Tensor, centres: Tensor, labels: Tensor) -> Tensor:
+def _update_centres(points: Tensor, points64: Tensor, centres: Tensor, labels: Tensor,
+                    on_host: bool = False) -> Tensor:
     """M-step with sklearn's empty-cluster relocation (spec §5.4); returns float32 centres."""
     num_features = points.shape[2]
     num_clusters = centres.shape[1]
@@ -191,6 +202,8 @@ def _update_centres(points: Tensor, points64: Tensor, centres: Tensor, labels: T
     counts = membership.sum(dim=1)  # (P, K)
 
     empty = counts == 0
+    if on_host and not bool(empty.any()):  # the usual case: no relocation, plain means
+        return (sums / counts[:, :, None]).to(torch.float32)
     # Distances of each point to the centre it was assigned in this E-step, explicit in float32
     # as in sklearn; built in place to keep one (P, N, C) temporary.
     difference = centres.gather(1, labels[:, :, None].expand(-1, -1, num_features))

@@ -69,7 +69,7 @@ class TargetSampleAssigner:
         clustering_device: torch.device | str | None = None,
         kmeans_max_iter: int = 300,
         kmeans_tol: float = 1e-4,
-        kmeans_sync_every: int = 5,
+        kmeans_sync_every: int | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"TargetSampleAssigner mode must be one of {MODES}, got {mode!r}")
