@@ -139,6 +139,11 @@ class WSOLMethod(nn.Module):
         self.options = options if options is not None else self.Options()
         self.head = ClassifierHead(backbone.out_channels, num_classes, profile, backbone.family)
 
+    @property
+    def feature_channels(self) -> int:
+        """C of the feature map F that DA-WSOL aligns (spec §5.1, §5.8)."""
+        return self.backbone.out_channels
+
     # --- what a method may override ----------------------------------------------------------
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class DomainAdaptation(nn.Module):
         self.options = options = options or DomainAdaptationOptions()
         if options.uda not in UDA_METHODS:
             raise WsolbenchError(f"unknown domain adaption loss {options.uda!r}; choose from {', '.join(UDA_METHODS)}")
-        channels = method.backbone.out_channels
+        channels = method.feature_channels
         self.assigner = TargetSampleAssigner(
             method.num_classes, channels, source_samples=options.source_samples,
             target_samples=options.target_samples, mode=options.assigner_mode, use_assigner=options.assigner,
