@@ -1,16 +1,19 @@
-"""Training-step cost, side by side in one run: a bare WSOL backbone step, wsolbench's CAM step,
-and the same method with DA-WSOL (MMD and DANN), on synthetic tensors.
+"""Training- and test-step cost, side by side in one run: a bare WSOL backbone step, each
+method's step, and the same method with DA-WSOL (MMD, DANN), on synthetic tensors. With all six
+methods this is the shape of paper Table 4 (spec §7, "model-only" timing).
 
     python benchmarks/train_step.py [--backbone resnet50] [--image-size 224] [--batch-size 32]
                                     [--precision fp32|bf16] [--channels-last] [--device auto]
-                                    [--methods cam] [--steps 20] [--warmup 5]
+                                    [--methods cam,has,acol,spg,adl,cutmix] [--steps 20] [--warmup 5]
 
 "bare" is the floor: the WSOL backbone (layer4 at stride 1), GAP, a linear head, cross-entropy,
 SGD - nothing of wsolbench's method or trainer code. Each other row runs exactly what
 `wsolbench train` runs per batch (the method's training_step through the DA-WSOL wrapper, the
-same optimiser and parameter groups), with the DA-WSOL loss active. Reported: the median ms per
-image over the timed steps (CUDA synchronised around each step), and ratios to the bare step and
-to the method without DA-WSOL, all measured in this one process.
+same optimiser and parameter groups), with the DA-WSOL loss active. The test column runs what
+scoring a split runs per batch: the forward pass with the CAM of the GT class, the protocol's map
+post-processing and the evaluator's per-map work (one GT box per image, interval 0.001).
+Reported: median ms per image over the timed steps (CUDA synchronised around each step), and
+ratios to the bare step and to the method without DA-WSOL, all measured in this one process.
 """
 from __future__ import annotations
 
@@ -19,11 +22,14 @@ import contextlib
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wsolbench.config import resolve_config
+from wsolbench.evaluator import best_ious_fast, score_thresholds
 from wsolbench.experiment import build_model, resolve_device
+from wsolbench.scoremaps import postprocess_cam
 from wsolbench.methods.backbones import build_backbone
 from wsolbench.methods.base import TrainingProgress
 from wsolbench.trainer import Trainer
@@ -85,7 +91,10 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    rows = [("bare", timed_steps(bare_step, args.steps, args.warmup, device))]
+    rows = [("bare", timed_steps(bare_step, args.steps, args.warmup, device), None)]
+    thresholds = score_thresholds(0.001)
+    size = (args.image_size, args.image_size)
+    gt_box = np.array([[args.image_size // 4, args.image_size // 4, args.image_size // 2, args.image_size * 3 // 4]])
     del backbone, head, optimizer
 
     for method in args.methods.split(","):
@@ -108,18 +117,30 @@ def main() -> None:
                 out.loss.backward()
                 trainer.optimizer.step()
 
+            def test_step() -> None:
+                model.eval()
+                with torch.no_grad(), trainer.autocast:
+                    _, cams = model.predict(images, labels)
+                for cam in cams.float().cpu().numpy():
+                    best_ious_fast(postprocess_cam(cam, size), gt_box, thresholds, largest=True)
+
             name = method if uda == "none" else f"{method}+{uda}"
-            rows.append((name, timed_steps(step, args.steps, args.warmup, device)))
+            rows.append((name, timed_steps(step, args.steps, args.warmup, device),
+                         timed_steps(test_step, max(3, args.steps // 4), 1, device)))
             del model, trainer
 
-    per_image = {name: statistics.median(times) * 1000 / args.batch_size for name, times in rows}
+    per_image = {name: statistics.median(times) * 1000 / args.batch_size for name, times, _ in rows}
+    test_per_image = {name: statistics.median(times) * 1000 / args.batch_size for name, _, times in rows if times}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.backbone} {args.image_size}px batch {args.batch_size} {args.precision}"
-          f"{' channels_last' if args.channels_last else ''}, {device_name}, median of {args.steps} steps")
+          f"{' channels_last' if args.channels_last else ''}, {device_name}, median of {args.steps} train steps")
+    print(f"  {'':<14}{'train ms/img':>13}{'/bare':>7}{'/base':>7}{'test ms/img':>13}{'/base':>7}")
     for name, value in per_image.items():
         base = name.split("+")[0]
-        over_base = f"  x{value / per_image[base]:.2f} of {base}" if "+" in name and base in per_image else ""
-        print(f"  {name:<12} {value:8.2f} ms/img  x{value / per_image['bare']:.2f} of bare{over_base}")
+        train_ratio = f"{value / per_image[base]:7.2f}" if "+" in name else f"{'':7}"
+        test = test_per_image.get(name)
+        test_cells = (f"{test:13.2f}" + (f"{test / test_per_image[base]:7.2f}" if "+" in name else "")) if test else ""
+        print(f"  {name:<14}{value:13.2f}{value / per_image['bare']:7.2f}{train_ratio}{test_cells}")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-decay-frequency", type=int)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"),
+                   help="sgd: the references' nesterov SGD (default); adamw: for training from scratch")
     p.add_argument("--lambda1", type=float, help="weight of the domain loss L_d")
     p.add_argument("--lambda2", type=float, help="weight of the Universum loss L_u")
     p.add_argument("--start-epoch", type=int, help="DA-WSOL is active after this 0-based epoch (default 0)")

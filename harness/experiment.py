@@ -149,7 +149,6 @@ class Run:
         evaluator = SplitEvaluator(meta, cam_curve_interval=self.config.cam_curve_interval,
                                    box_metric=self.config.box_metric, mask_root=self.config.mask_root,
                                    image_size=size, with_v1=True)
-        labels = torch.tensor(dataset.labels)
         predictions: dict[str, int] = {}
 
         def finish(image_id: str, cam: np.ndarray, predicted: int) -> None:
@@ -162,7 +161,7 @@ class Run:
         # The maps are post-processed and evaluated by a thread pool while the next batch runs.
         with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
             pending = []
-            for indices, logits, cams in self.trainer.predict(self.eval_loader(dataset), lambda i: labels[i]):
+            for indices, logits, cams in self.trainer.predict(self.eval_loader(dataset)):
                 for index, row, cam in zip(indices, logits, cams):
                     image_id = meta.image_ids[index]
                     predictions[image_id] = int(row.argmax())

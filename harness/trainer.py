@@ -80,10 +80,14 @@ class Trainer:
                 key = (self.model.lr_multiplier(name), self.model.decays(name))
                 groups.setdefault(key, []).append(parameter)
         # lr_classifier_ratio is the x10 of spec §3; a multiplier of 10 means "classifier group".
-        self.optimizer = torch.optim.SGD(
-            [{"params": params, "lr_multiplier": (config.lr_classifier_ratio if multiplier == 10.0 else multiplier),
-              "decays": decays} for (multiplier, decays), params in sorted(groups.items())],
-            lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+        param_groups = [{"params": params, "decays": decays,
+                         "lr_multiplier": config.lr_classifier_ratio if multiplier == 10.0 else multiplier}
+                        for (multiplier, decays), params in sorted(groups.items())]
+        if config.optimizer == "sgd":  # the references' optimiser (spec §6.1)
+            self.optimizer = torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=True,
+                                             weight_decay=config.weight_decay)
+        else:  # AdamW: for training from scratch (the generated dataset); not in any reference
+            self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
         self.current_lr = config.lr
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                          if config.precision == "bf16" else contextlib.nullcontext())
@@ -130,7 +134,7 @@ class Trainer:
                           {key: value / max(seen, 1) for key, value in logs_sum.items()})
 
     @torch.no_grad()
-    def predict(self, loader, labels_of: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def predict(self, loader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(indices, logits, raw CAMs of the ground-truth class) per batch, in eval mode (spec §1.5)."""
         self.model.eval()
         for images, labels, indices in loader:
@@ -138,7 +142,7 @@ class Trainer:
             if self.config.channels_last:
                 images = images.to(memory_format=torch.channels_last)
             with self.autocast:
-                logits, cams = self.model.predict(images, labels_of(labels).to(self.device))
+                logits, cams = self.model.predict(images, labels.to(self.device))
             yield indices.numpy(), logits.float().cpu().numpy(), cams.float().cpu().numpy()
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -179,3 +179,21 @@ def test_pretrained_imagenet_without_a_local_file_is_a_clear_error(tmp_path, mon
     torch.hub.set_dir(str(tmp_path / "torch" / "hub"))
     with pytest.raises(WsolbenchError, match="resnet18-f37072fd.pth"):
         build_backbone("resnet18", pretrained="imagenet")
+
+
+def test_scoring_uses_the_ground_truth_class_map(tiny_dataset, tmp_path):
+    """The map scored is the GT class's (spec §1.5), whatever the model predicts."""
+    from wsolbench.experiment import Run
+
+    run = Run(tiny_config(tiny_dataset, tmp_path / "run"), log=lambda _: None)
+    seen: list[torch.Tensor] = []
+    original = run.model.predict
+
+    def recording_predict(images, classes):
+        seen.append(classes.clone())
+        return original(images, classes)
+
+    run.model.predict = recording_predict
+    run.score(run.test_set)
+    labels = [run.test_meta.class_labels[i] for i in run.test_meta.image_ids]
+    assert torch.cat(seen).tolist() == labels
