@@ -93,15 +93,15 @@ class Workspace:
         self.euler4 = np.zeros(n, dtype=np.int32)
         self.dirty = np.zeros(n, dtype=np.uint8)
         self.iou = np.zeros(n, dtype=np.float64)
-        self.alive = np.zeros(n, dtype=np.int32)
-        self.alive_at = np.full(n, -1, dtype=np.int32)
+        self.listed = np.zeros(n, dtype=np.int32)  # the components that can reach the IoU floor
+        self.listed_at = np.full(n, -1, dtype=np.int32)
         self.order = np.zeros(height * width, dtype=np.int32)
         self.block = np.zeros(n, dtype=np.uint8)  # 2x2 blocks, by the padded index of their bottom-right pixel
         self.quantized = np.zeros((height, width), dtype=np.uint8)
 
 
 def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, largest: bool = True,
-                 workspace: Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 workspace: Workspace | None = None, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Best IoU per threshold level, for all contours (V2) and the largest contour (v1).
 
     quantized: the uint8 map U (H, W), with max(U) > 0 (a map with max(U) == 0 has no contour at
@@ -109,6 +109,11 @@ def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, 
     maps to t. gt: int64 (G, 4) inclusive ground-truth boxes in the map's frame. Returns
     (best_all, best_largest), float64 per slot; best_largest is NaN where the largest contour is
     not decided by the counts (the caller then asks OpenCV), and all NaN unless `largest`.
+
+    floor: only IoUs >= floor are needed exactly (the smallest IoU threshold asked for); a best
+    below it may be reported as any value below it. Boxes too small to reach it (area below
+    floor x the smallest GT area, since IoU <= |A| / |G|) are then never looked at, which is what
+    keeps maps with thousands of specks cheap. v1 needs every component, so `largest` ignores it.
     """
     if workspace is None or workspace.shape != quantized.shape:
         workspace = Workspace(*quantized.shape)
@@ -118,15 +123,18 @@ def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, 
     best_largest = np.full(n_slots, np.nan)
     if n_slots == 0:
         return best_all, best_largest
-    _sweep(np.ascontiguousarray(quantized, dtype=np.uint8), level_slot.astype(np.int64),
-           np.ascontiguousarray(gt, dtype=np.int64), largest, best_all, best_largest, w.parent, w.size, w.box,
-           w.area2, w.euler4, w.dirty, w.iou, w.alive, w.alive_at, w.order, w.block)
+    gt = np.ascontiguousarray(gt, dtype=np.int64)
+    gt_areas = (gt[:, 2] - gt[:, 0] + 1) * (gt[:, 3] - gt[:, 1] + 1)
+    min_area = 0.0 if largest else float(floor) * float(gt_areas.min())
+    _sweep(np.ascontiguousarray(quantized, dtype=np.uint8), level_slot.astype(np.int64), gt, largest, min_area,
+           best_all, best_largest, w.parent, w.size, w.box, w.area2, w.euler4, w.dirty, w.iou, w.listed,
+           w.listed_at, w.order, w.block)
     return best_all, best_largest
 
 
 @njit(cache=True, nogil=True)
-def _merge(a, b, parent, size, box, area2, euler4, dirty, alive, alive_at, n_alive):
-    """Merge root b into root a; returns the new number of live roots (b was live unless outside)."""
+def _merge(a, b, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed):
+    """Merge root b into root a; returns the new length of the list (b leaves it if it was in)."""
     parent[b] = a
     size[a] += size[b]
     box[a, 0] = min(box[a, 0], box[b, 0])
@@ -136,19 +144,29 @@ def _merge(a, b, parent, size, box, area2, euler4, dirty, alive, alive_at, n_ali
     area2[a] += area2[b]
     euler4[a] += euler4[b]
     dirty[a] = 1
-    k = alive_at[b]
+    k = listed_at[b]
     if k >= 0:
-        n_alive -= 1
-        last = alive[n_alive]
-        alive[k] = last
-        alive_at[last] = k
-        alive_at[b] = -1
-    return n_alive
+        n_listed -= 1
+        last = listed[n_listed]
+        listed[k] = last
+        listed_at[last] = k
+        listed_at[b] = -1
+    return n_listed
 
 
 @njit(cache=True, nogil=True)
-def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
-           parent, size, box, area2, euler4, dirty, iou, alive, alive_at, order, block):
+def _list_if_large(a, area, min_area, listed, listed_at, n_listed):
+    """Add root a (not listed yet) once its evaluated box can reach the IoU floor (boxes only grow)."""
+    if area >= min_area:
+        listed[n_listed] = a
+        listed_at[a] = n_listed
+        n_listed += 1
+    return n_listed
+
+
+@njit(cache=True, nogil=True)
+def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
+           parent, size, box, area2, euler4, dirty, iou, listed, listed_at, order, block):
     height, width = quantized.shape
     wp = width + 2
     n = height * width
@@ -184,7 +202,8 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
     corner_bit = np.array([8, 4, 2, 1])
 
     # ---- Foreground: 8-connected components of U > t, t falling. -------------------------------
-    n_alive = 0
+    n_listed = 0
+    n_components = 0
     euler4_total = 0
     for t in range(maximum - 1, lowest - 1, -1):
         for i in range(start[t + 1], start[t + 2]):
@@ -199,9 +218,7 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
             box[p, 3] = r
             area2[p] = 0
             euler4[p] = 0
-            alive[n_alive] = p
-            alive_at[p] = n_alive
-            n_alive += 1
+            n_components += 1
             root = p
             for k in range(8):
                 q = p + neighbours8[k]
@@ -212,7 +229,8 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
                     continue
                 if size[root] < size[other]:
                     root, other = other, root
-                n_alive = _merge(root, other, parent, size, box, area2, euler4, dirty, alive, alive_at, n_alive)
+                n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed)
+                n_components -= 1
             # The 2x2 blocks with this pixel as a corner: their present pixels are all 8-adjacent
             # to it, so they belong to `root` now.
             for k in range(4):
@@ -225,11 +243,15 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
                 euler4_total += change
                 area2[root] += _AREA2[new] - _AREA2[old]
             dirty[root] = 1
+            if listed_at[root] < 0:
+                area = ((min(box[root, 2] + 1, width - 1) - box[root, 0] + 1)
+                        * (min(box[root, 3] + 1, height - 1) - box[root, 1] + 1))
+                n_listed = _list_if_large(root, area, min_area, listed, listed_at, n_listed)
         slot = level_slot[t]
         if slot < 0:
             continue
         # Euler number = components - holes, summed over all components.
-        has_holes[slot] = n_alive * 4 != euler4_total
+        has_holes[slot] = n_components * 4 != euler4_total
         best = -1.0
         # v1: the candidate with the largest certain (lower-bound) area must beat every other
         # candidate's possible (upper-bound) area, in doubled-area integers.
@@ -238,8 +260,8 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
         upper_first = -1
         upper_first_root = -1
         upper_second = -1
-        for i in range(n_alive):
-            a = alive[i]
+        for i in range(n_listed):
+            a = listed[i]
             if dirty[a]:
                 iou[a] = _max_iou(box[a, 0], box[a, 1], min(box[a, 2] + 1, width - 1),
                                   min(box[a, 3] + 1, height - 1), gt)
@@ -274,7 +296,7 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
     for i in range(start[lowest + 1], n):
         p = order[i]
         parent[p] = -1
-        alive_at[p] = -1
+        listed_at[p] = -1
         for k in range(4):
             block[p + corner_block[k]] = 0
 
@@ -296,8 +318,8 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
         parent[r * wp] = outside
         parent[r * wp + wp - 1] = outside
     size[outside] = hp * wp
-    alive_at[outside] = -1
-    n_alive = 0
+    listed_at[outside] = -1
+    n_listed = 0
     for t in range(0, last_hole_level + 1):
         for i in range(start[t], start[t + 1]):
             p = order[i]
@@ -309,9 +331,6 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
             box[p, 1] = r
             box[p, 2] = c
             box[p, 3] = r
-            alive[n_alive] = p
-            alive_at[p] = n_alive
-            n_alive += 1
             root = p
             for k in range(4):
                 q = p + neighbours4[k]
@@ -322,14 +341,18 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
                     continue
                 if size[root] < size[other]:
                     root, other = other, root
-                n_alive = _merge(root, other, parent, size, box, area2, euler4, dirty, alive, alive_at, n_alive)
+                n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed)
             dirty[root] = 1
+            if root != outside and listed_at[root] < 0:
+                area = ((min(box[root, 2] + 2, width - 1) - box[root, 0] + 2)
+                        * (min(box[root, 3] + 2, height - 1) - box[root, 1] + 2))
+                n_listed = _list_if_large(root, area, min_area, listed, listed_at, n_listed)
         slot = level_slot[t]
         if slot < 0 or not has_holes[slot]:
             continue
         best = best_all[slot]
-        for i in range(n_alive):  # every live component is a hole: the others joined the outside
-            a = alive[i]
+        for i in range(n_listed):  # every listed component is a hole: the others joined the outside
+            a = listed[i]
             if dirty[a]:
                 # The hole contour's pixels span the hole's box grown by one; boundingRect then
                 # adds one more on the right and bottom (clipped), as for outer contours.
@@ -342,7 +365,7 @@ def _sweep(quantized, level_slot, gt, largest, best_all, best_largest,
     for i in range(0, start[last_hole_level + 1]):
         p = order[i]
         parent[p] = -1
-        alive_at[p] = -1
+        listed_at[p] = -1
     for q in range(wp):
         parent[q] = -1
         parent[(hp - 1) * wp + q] = -1

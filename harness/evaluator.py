@@ -111,11 +111,17 @@ def contour_boxes(quantized: np.ndarray, level: int, multi_contour: bool) -> np.
 # Per image: best IoU at every threshold
 # ---------------------------------------------------------------------------------------------
 
+def below_floor(best: np.ndarray, floor: float) -> np.ndarray:
+    """Both engines report a best IoU below `floor` as -1: only comparisons at or above it count."""
+    return np.where(best >= floor, best, -1.0) if floor > 0 else best
+
+
 def best_ious_definition(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
-                         largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                         largest: bool = True, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per threshold, the best IoU over GT of (all contours, the largest contour), by definition.
 
-    Without `largest` the second array is all NaN (only V2 boxes are needed).
+    Without `largest` the second array is all NaN (only V2 boxes are needed). Bests below `floor`
+    (the smallest IoU threshold the caller compares with) are reported as -1.
     """
     quantized = quantize(scoremap)
     levels = threshold_levels(thresholds, int(quantized.max()))
@@ -125,14 +131,14 @@ def best_ious_definition(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds:
         best_all[k] = multiple_iou(contour_boxes(quantized, level, True), gt_boxes).max()
         if largest:
             best_largest[k] = multiple_iou(contour_boxes(quantized, level, False), gt_boxes).max()
-    return best_all, best_largest
+    return below_floor(best_all, floor), best_largest
 
 
 _workspaces = threading.local()
 
 
 def best_ious_fast(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
-                   largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   largest: bool = True, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The same numbers as `best_ious_definition`, from one sweep over the map."""
     workspace = getattr(_workspaces, "current", None)
     if workspace is None or workspace.shape != scoremap.shape:
@@ -143,11 +149,13 @@ def best_ious_fast(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
     gt_boxes = np.ascontiguousarray(gt_boxes, dtype=np.int64)
     if quantized_max == 0:  # nothing above any level: the single box [0, 0, 0, 0] everywhere
         empty = multiple_iou(np.zeros((1, 4)), gt_boxes).max()
-        return np.full(len(thresholds), empty), np.full(len(thresholds), empty if largest else np.nan)
+        return (below_floor(np.full(len(thresholds), empty), floor),
+                np.full(len(thresholds), empty if largest else np.nan))
     distinct, slot_of_threshold = np.unique(levels, return_inverse=True)
     level_slot = np.full(256, -1, dtype=np.int64)
     level_slot[distinct] = np.arange(len(distinct))
-    best_all, best_largest = sweep_levels(quantized, level_slot, gt_boxes, largest, workspace)
+    best_all, best_largest = sweep_levels(quantized, level_slot, gt_boxes, largest, workspace, floor)
+    best_all = below_floor(best_all, floor)
     if not largest:
         return best_all[slot_of_threshold], best_largest[slot_of_threshold]
     for slot in np.flatnonzero(np.isnan(best_largest)):  # undecided by the sweep: ask OpenCV
@@ -421,6 +429,8 @@ class SplitEvaluator:
         self.headline = box_metric
         self.with_v1 = with_v1 or box_metric == "v1"
         self.iou_thresholds = tuple(iou_thresholds)
+        # Every comparison is best >= delta / 100 (GT-known: 50), so smaller bests need not be exact.
+        self.iou_floor = min(self.iou_thresholds + (50,)) / 100
         self.mask_root = mask_root
         self.image_size = tuple(image_size)
         self.best_ious = ENGINES[engine]
@@ -458,7 +468,8 @@ class SplitEvaluator:
         original = self.metadata.image_sizes[image_id]
         gt = np.array([rescale_box(b, original, (width, height)) for b in self.metadata.boxes[image_id]],
                       dtype=np.int64)
-        best_all, best_largest = self.best_ious(scoremap, gt, self.thresholds, largest=self.with_v1)
+        best_all, best_largest = self.best_ious(scoremap, gt, self.thresholds, largest=self.with_v1,
+                                                floor=self.iou_floor)
         rows = len(self.iou_thresholds)
         counts = np.zeros_like(self._counts)
         for row, iou in enumerate(self.iou_thresholds):

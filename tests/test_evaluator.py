@@ -370,9 +370,13 @@ def test_fast_engine_equals_the_definition_on_random_small_maps(seed):
         height, width = rng.integers(2, 40, 2)
         scoremap = random_monotone_map(rng, height, width)
         gt = random_boxes(rng, height, width)
-        fast = best_ious_fast(scoremap, gt, thresholds)
-        definition = best_ious_definition(scoremap, gt, thresholds)
+        floor = float(rng.choice([0.0, 0.3, 0.5]))
+        fast = best_ious_fast(scoremap, gt, thresholds, floor=floor)
+        definition = best_ious_definition(scoremap, gt, thresholds, floor=floor)
         assert np.array_equal(fast[0], definition[0]) and np.array_equal(fast[1], definition[1])
+        if floor == 0.0:
+            v2_only = best_ious_fast(scoremap, gt, thresholds, largest=False, floor=0.3)[0]
+            assert np.array_equal(v2_only, np.where(definition[0] >= 0.3, definition[0], -1.0))
 
 
 def test_fast_engine_equals_the_definition_on_full_size_maps(shared_dir):
