@@ -3,14 +3,19 @@
     python benchmarks/evaluator_speed.py speed  [--images 1000] [--interval 0.01] [--baseline-images N]
     python benchmarks/evaluator_speed.py memory [--images 50000]
 
-`speed` writes CAM-like score maps for the real CUB val split (1,000 images) into a temporary
-folder, then times, whole process against whole process:
+`speed` writes score maps for the real CUB val split (1,000 images) into a temporary folder,
+then times, whole process against whole process:
   baseline   this file's `baseline` command: the per-threshold evaluator written from the spec's
              definition (spec §2.2-2.4) the way the protocol's reference code runs it: for every
              map and every threshold, cv2.threshold + cv2.findContours + boundingRect, then one IoU
              matrix per map; one process, one thread.
   wsolbench  `wsolbench evaluate --json` (the fast engine, both cores).
 It checks that both print the same MaxBoxAccV2 and per-IoU numbers and prints the ratio.
+Maps (--maps): "golden" cycles through the six shapes of the protocol's golden cases
+(../shared/wsol-golden/scoremaps.py: blob, several blobs, ring, blob with noise, zeros, max 0.6),
+the maps the reference evaluator's cost was quoted on; "cam" are smooth CAM-like maps (a few
+blobs and a little noise at 14x14 or 28x28, upsampled as the protocol does), on which OpenCV's
+contour search is cheapest and the per-threshold definition is hardest to beat.
 
 `memory` evaluates 50,000 maps of the real ILSVRC test split (several boxes per image) and prints
 the peak resident memory of the `wsolbench evaluate` process. To keep the disk use small the maps
@@ -47,8 +52,21 @@ def cam_like_map(rng: np.random.Generator, feature_size: int = 28) -> np.ndarray
     return cam / cam.max()
 
 
-def write_maps(image_ids: list[str], root: Path, seed: int, pool: int | None = None) -> None:
+def golden_generator():
+    shared = Path(os.environ.get("WSOLBENCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    source = shared / "wsol-golden" / "scoremaps.py"
+    if not source.exists():
+        sys.exit(f"{source}: not found (the golden maps need ../shared; use --maps cam)")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("golden_scoremaps", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.scoremap
+
+
+def write_maps(image_ids: list[str], root: Path, seed: int, kind: str = "cam", pool: int | None = None) -> None:
     rng = np.random.default_rng(seed)
+    golden = golden_generator() if kind == "golden" else None
     sources: list[Path] = []
     for n, image_id in enumerate(image_ids):
         path = root / f"{image_id}.npy"
@@ -56,7 +74,8 @@ def write_maps(image_ids: list[str], root: Path, seed: int, pool: int | None = N
         if pool is not None and n >= pool:
             os.symlink(sources[n % pool], path)
             continue
-        np.save(path, cam_like_map(rng, int(rng.choice([14, 28]))))
+        scoremap = golden(n, seed) if golden else cam_like_map(rng, int(rng.choice([14, 28])))
+        np.save(path, scoremap)
         sources.append(path)
 
 
@@ -149,12 +168,12 @@ def speed(args: argparse.Namespace) -> None:
         maps = tmp / "maps"
         from wsolbench.datasets.metadata import read_split
         ids = read_split(metadata_root, "CUB", "val").image_ids
-        write_maps(ids, maps, seed=0)
+        write_maps(ids, maps, seed=0, kind=args.maps)
         # Warm the numba cache so that both sides are steady-state processes.
         subprocess.run(wsolbench_command(maps, "CUB", "val", args.interval, metadata_root), capture_output=True, check=True)
         baseline_images = args.baseline_images or len(ids)
         base_root = metadata_root if baseline_images == len(ids) else subset_metadata(tmp / "b", "CUB", "val", baseline_images)
-        print(f"{len(ids)} CUB-sized maps (baseline on {baseline_images}), interval {args.interval}, "
+        print(f"{len(ids)} CUB-sized {args.maps} maps (baseline on {baseline_images}), interval {args.interval}, "
               f"{os.cpu_count()} CPUs", flush=True)
         fast_time, fast, _ = timed(wsolbench_command(maps, "CUB", "val", args.interval, metadata_root))
         fast_sub_time, fast_sub, _ = timed(wsolbench_command(maps, "CUB", "val", args.interval, base_root))
@@ -179,7 +198,7 @@ def memory(args: argparse.Namespace) -> None:
         metadata_root = subset_metadata(tmp, "ILSVRC", "test", args.images)
         ids = read_split(metadata_root, "ILSVRC", "test").image_ids
         maps = tmp / "maps"
-        write_maps(ids, maps, seed=1, pool=64)
+        write_maps(ids, maps, seed=1, kind=args.maps, pool=64)
         elapsed, result, peak = timed(wsolbench_command(maps, "ILSVRC", "test", args.interval, metadata_root))
         print(f"{len(ids)} ILSVRC test maps, interval {args.interval}: {elapsed:.1f} s "
               f"({elapsed / len(ids) * 1e3:.2f} ms/map), peak RSS {peak / 1024:.0f} MiB, MaxBoxAccV2 {result['MaxBoxAccV2']:.4f}")
@@ -192,10 +211,12 @@ def main() -> None:
     s.add_argument("--images", type=int, default=1000)
     s.add_argument("--baseline-images", type=int, default=None, help="run the baseline on the first N maps only")
     s.add_argument("--interval", type=float, default=0.01)
+    s.add_argument("--maps", choices=("golden", "cam"), default="golden")
     s.set_defaults(run=speed)
     m = sub.add_parser("memory")
     m.add_argument("--images", type=int, default=50000)
     m.add_argument("--interval", type=float, default=0.001)
+    m.add_argument("--maps", choices=("golden", "cam"), default="golden")
     m.set_defaults(run=memory)
     b = sub.add_parser("baseline")
     b.add_argument("--scoremap-root", required=True)
