@@ -119,6 +119,7 @@ class Run:
         for dataset in (self.train_set, self.val_set, self.test_set):
             dataset.check_images()
         self.model = build_model(config, self.num_classes)
+        self.method = getattr(self.model, "method", self.model)  # the WSOL method, unwrapped
         self.trainer = Trainer(self.model, config, self.device)
         self.history: list[EpochStats] = []
         self.val_history: list[dict[str, Any]] = []
@@ -226,7 +227,9 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
         raise WsolbenchError(f"{out}: this run already completed")
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "config.json", {"config": config.to_dict(), "environment": environment(run.device),
-                                            "num_classes": run.num_classes, "model": type(run.model).__name__})
+                                            "num_classes": run.num_classes, "profile": run.method.profile,
+                                            "method_options": vars(run.method.options),
+                                            "model": type(run.model).__name__})
     log(f"run {out}: {config.method}{'' if config.uda == 'none' else '+' + config.uda} on {config.dataset}, "
         f"{config.backbone}, {len(run.train_set)} train images, device {run.device}, recipe: {config.recipe}")
     if first_epoch:
@@ -271,7 +274,7 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
     model = run.model
     metrics: dict[str, Any] = {
         "dataset": config.dataset, "split": config.test_split, "method": config.method, "uda": config.uda,
-        "backbone": config.backbone, "profile": config.profile, "seed": config.seed,
+        "backbone": config.backbone, "profile": run.method.profile, "seed": config.seed,
         "checkpoint": "last", "cam_curve_interval": config.cam_curve_interval,
         **figures,
         "train_ms_per_image": median_ms_per_image(run.history, start_epoch_da),

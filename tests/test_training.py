@@ -90,6 +90,7 @@ def test_two_epoch_training_writes_the_run_folder_and_rescoring_agrees(tiny_data
         assert 0.0 <= saved[key] <= 100.0, key
     assert saved["train_ms_per_image"] > 0 and saved["test_ms_per_image"] > 0
     assert saved["config"]["seed"] == 1 and "torch" in saved["environment"]
+    assert saved["profile"] == "DA"  # 'auto' resolved to the method's profile and recorded
     history = json.loads((out / "history.json").read_text())
     assert [entry["epoch"] for entry in history["train"]] == [1, 2]
     assert [entry["epoch"] for entry in history["val"]] == [1, 2]
