@@ -95,7 +95,6 @@ def main() -> None:
     thresholds = score_thresholds(0.001)
     size = (args.image_size, args.image_size)
     gt_box = np.array([[args.image_size // 4, args.image_size // 4, args.image_size // 2, args.image_size * 3 // 4]])
-    del backbone, head, optimizer
 
     for method in args.methods.split(","):
         for uda in args.uda.split(","):
@@ -127,7 +126,6 @@ def main() -> None:
             name = method if uda == "none" else f"{method}+{uda}"
             rows.append((name, timed_steps(step, args.steps, args.warmup, device),
                          timed_steps(test_step, max(3, args.steps // 4), 1, device)))
-            del model, trainer
 
     per_image = {name: statistics.median(times) * 1000 / args.batch_size for name, times, _ in rows}
     test_per_image = {name: statistics.median(times) * 1000 / args.batch_size for name, _, times in rows if times}

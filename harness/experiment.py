@@ -13,10 +13,8 @@ as an extra figure, labelled as such.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

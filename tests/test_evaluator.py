@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 
 import numpy as np
 import pytest
 
 from wsolbench.datasets.masks import load_gt_mask
-from wsolbench.datasets.metadata import MaskAnnotation, SplitMetadata, read_split
+from wsolbench.datasets.metadata import SplitMetadata, read_split
 from wsolbench.errors import WsolbenchError
 from wsolbench.evaluator import (MaskResult, accumulate_mask_histograms, best_ious_definition, best_ious_fast,
                                  contour_boxes, evaluate_split, histogram_edges, multiple_iou, quantize,
