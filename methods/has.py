@@ -35,6 +35,13 @@ def hidden_cells(batch_size: int, rows: int, cols: int, grid_size: int, drop_rat
     return torch.tensor(hidden, dtype=torch.bool).view(batch_size, grid_rows, grid_cols)
 
 
+def scaled_grid_size(grid_size: int, crop_size: int, reference_size: int = 224) -> int:
+    """The grid size for a crop of `crop_size` px, from a grid given for 224-px crops (>= 1, or 0)."""
+    if grid_size == 0 or crop_size == reference_size:
+        return grid_size
+    return max(1, round(grid_size * crop_size / reference_size))
+
+
 def hide_patches(images: Tensor, grid_size: int, drop_rate: float) -> Tensor:
     """The batch with HaS's cells set to 0 (spec §4.2); `images` itself is left unchanged.
 
@@ -76,6 +83,11 @@ class HaS(WSOLMethod):
         return dict(WE_DEFAULTS) if profile == "WE" else {}
 
     def training_step(self, images: Tensor, labels: Tensor, progress: TrainingProgress) -> StepOutput:
-        """CAM's step on the hidden batch (spec §4.2: training only, before the forward pass)."""
-        hidden = hide_patches(images, self.options.grid_size, self.options.drop_rate)
+        """CAM's step on the hidden batch (spec §4.2: training only, before the forward pass).
+
+        grid_size is in pixels of the protocol's 224-px crop; other crop sizes scale it, so that
+        the hidden cells cover the same share of the image (at 224 px it is used as given).
+        """
+        grid = scaled_grid_size(self.options.grid_size, images.shape[2])
+        hidden = hide_patches(images, grid, self.options.drop_rate)
         return super().training_step(hidden, labels, progress)

@@ -96,7 +96,8 @@ def test_has_training_step_forwards_the_hidden_batch_and_test_time_hides_nothing
         random.seed(11)
         out = method.training_step(images, labels, TrainingProgress())
         random.seed(11)
-        hidden = hide_patches(images, 8, 0.5)
+        from wsolbench.methods.has import scaled_grid_size
+        hidden = hide_patches(images, scaled_grid_size(8, 32), 0.5)  # g = 8 at 224 px is 1 at 32 px
         assert (hidden == 0).any() and not torch.equal(hidden, images)
         torch.testing.assert_close(out.logits, method.logits(hidden))
         torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
@@ -345,3 +346,10 @@ def test_a_da_wsol_training_step_and_prediction(cls, option_values, targets, uda
     with torch.no_grad():
         logits, cams = model.predict(images, labels)
     assert logits.shape == (4, NUM_CLASSES) and cams.shape == (4, 8, 8)
+
+
+def test_has_grid_is_given_for_224_px_crops_and_scales_with_the_crop():
+    from wsolbench.methods.has import scaled_grid_size
+    assert scaled_grid_size(111, 224) == 111  # the protocol's size: exactly the spec's g
+    assert scaled_grid_size(111, 64) == 32  # 111 * 64 / 224 = 31.7
+    assert scaled_grid_size(4, 64) == 1 and scaled_grid_size(0, 64) == 0
