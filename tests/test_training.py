@@ -30,7 +30,7 @@ def tiny_config(data: Path, out: Path, **overrides):
     values = dict(dataset="SyntheticBoxes", data_root=str(data / "images"), metadata_root=str(data / "metadata"),
                   mask_root=str(data / "masks"), image_size=64, epochs=2, batch_size=8, eval_batch_size=16,
                   workers=0, eval_frequency=1, lr=0.01, device="cpu", seed=1, out=str(out),
-                  source_samples=4, target_samples=4)
+                  source_samples=4, target_samples=4, start_epoch=0)
     values.update(overrides)
     return resolve_config(values)
 
