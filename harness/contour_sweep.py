@@ -178,6 +178,8 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             highest = max(highest, t)
     n_slots = best_all.shape[0]
     has_holes = np.zeros(n_slots, dtype=np.bool_)
+    # The region the hole search needs: the union of the boxes of listed components with holes.
+    region_x0, region_y0, region_x1, region_y1 = width, height, -1, -1
 
     # Pixels bucketed by value (a counting sort), as padded indices: value v is order[start[v]:start[v + 1]].
     start = np.zeros(257, dtype=np.int64)
@@ -250,8 +252,9 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
         slot = level_slot[t]
         if slot < 0:
             continue
-        # Euler number = components - holes, summed over all components.
-        has_holes[slot] = n_components * 4 != euler4_total
+        # Euler number = components - holes, summed over all components: no holes anywhere is the
+        # common case, decided without looking at any component.
+        any_holes = n_components * 4 != euler4_total
         best = -1.0
         # v1: the candidate with the largest certain (lower-bound) area must beat every other
         # candidate's possible (upper-bound) area, in doubled-area integers.
@@ -268,6 +271,14 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
                 dirty[a] = 0
             if iou[a] > best:
                 best = iou[a]
+            if any_holes and euler4[a] != 4:
+                # A hole's box lies inside its component's box, so only the holes of listed
+                # components can reach the floor; the hole search covers their boxes only.
+                has_holes[slot] = True
+                region_x0 = min(region_x0, box[a, 0])
+                region_y0 = min(region_y0, box[a, 1])
+                region_x1 = max(region_x1, box[a, 2])
+                region_y1 = max(region_y1, box[a, 3])
             if largest:
                 lower = area2[a]
                 if euler4[a] == 4:
@@ -309,15 +320,12 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             break
     if last_hole_level < 0:
         return
-    outside = 0  # the padding ring is one background component present from the start
-    hp = height + 2
-    for q in range(wp):
-        parent[q] = outside
-        parent[(hp - 1) * wp + q] = outside
-    for r in range(hp):
-        parent[r * wp] = outside
-        parent[r * wp + wp - 1] = outside
-    size[outside] = hp * wp
+    # Every pixel outside the region counts as "outside": a hole lies strictly inside its
+    # component's box, so it never touches them, and a background component that does touch them
+    # is no hole of any listed component. One root stands for all of them.
+    outside = 0  # a padding pixel: never one of the region's own pixels
+    parent[outside] = outside
+    size[outside] = (height + 2) * wp
     listed_at[outside] = -1
     n_listed = 0
     for t in range(0, last_hole_level + 1):
@@ -325,6 +333,8 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             p = order[i]
             r = p // wp - 1
             c = p - (r + 1) * wp - 1
+            if r < region_y0 or r > region_y1 or c < region_x0 or c > region_x1:
+                continue
             parent[p] = p
             size[p] = 1
             box[p, 0] = c
@@ -334,9 +344,14 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             root = p
             for k in range(4):
                 q = p + neighbours4[k]
-                if parent[q] < 0:
+                rq = r + (-1 if k == 0 else (1 if k == 3 else 0))
+                cq = c + (-1 if k == 1 else (1 if k == 2 else 0))
+                if rq < region_y0 or rq > region_y1 or cq < region_x0 or cq > region_x1:
+                    other = _find(parent, outside)
+                elif parent[q] < 0:
                     continue
-                other = _find(parent, q)
+                else:
+                    other = _find(parent, q)
                 if other == root:
                     continue
                 if size[root] < size[other]:
@@ -366,9 +381,4 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
         p = order[i]
         parent[p] = -1
         listed_at[p] = -1
-    for q in range(wp):
-        parent[q] = -1
-        parent[(hp - 1) * wp + q] = -1
-    for r in range(hp):
-        parent[r * wp] = -1
-        parent[r * wp + wp - 1] = -1
+    parent[outside] = -1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -44,3 +45,4 @@ def test_method_trains_and_evaluates_through_the_cli(micro_dataset, tmp_path, ca
     history = json.loads((out / "history.json").read_text())["train"]
     if uda != "none":  # DA-WSOL was active (start epoch -1): its losses were logged
         assert "L_d" in history[0] and "L_u" in history[0]
+    shutil.rmtree(out)  # 72 runs' checkpoints would fill the disk
