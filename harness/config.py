@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +194,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise InputError(path, "config file does not exist") from None
     except tomllib.TOMLDecodeError as error:
-        line = getattr(error, "lineno", None)
+        # Python 3.11's TOMLDecodeError has no lineno attribute; its message ends "(at line N, ...)".
+        found = re.search(r"\(at line (\d+)", str(error))
+        line = getattr(error, "lineno", None) or (int(found.group(1)) if found else None)
         raise InputError(path, f"not valid TOML ({str(error).split(' (at line')[0]})", line) from None
     _check_keys(values, path)
     return values
