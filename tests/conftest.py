@@ -20,3 +20,18 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (set WSOLBENCH_SHARED to point at the shared folder)")
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_threads():
+    """Call with a thread count inside a module fixture: small tensors run faster on few threads
+    on a shared 2-core machine; the previous count is restored afterwards."""
+    import torch
+
+    def limit(count: int):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        yield
+        torch.set_num_threads(previous)
+
+    return limit

@@ -22,12 +22,9 @@ TRAIN_PIXELS = 40  # px: 5×5 on ResNet, with an upsampling that is not a plain 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    """Small tensors run faster on few threads, above all on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+def _torch_threads(torch_threads):
+    """Small tensors: 2 torch thread(s) (conftest.torch_threads)."""
+    yield from torch_threads(2)
 
 
 def build(cls: type[WSOLMethod], backbone: str, seed: int = 0, **options) -> WSOLMethod:

@@ -26,12 +26,9 @@ DA_ACTIVE = TrainingProgress(epoch=1, batch_index=0, iterations_per_epoch=2, num
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The CPU is shared: one torch thread here (two thrash under load), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _torch_threads(torch_threads):
+    """Small tensors: 1 torch thread(s) (conftest.torch_threads)."""
+    yield from torch_threads(1)
 
 
 def tiny_method(cls: type[WSOLMethod], profile: str = "DA", backbone: str = "resnet18",
