@@ -1,0 +1,140 @@
+"""Where a DA-WSOL training step spends its time on a GPU: the target sample assigner (TSA) in
+its placements, side by side in one process, and a profile of the sequential (reference) TSA.
+
+    python benchmarks/gpu_tsa_probe.py [--device auto] [--batch-size 32] [--image-size 224]
+
+Rows (ResNet50, large feature map, fp32, CAM + MMD with the DA-WSOL loss active): the CAM step,
+the CAM + MMD step with the sequential TSA clustering on F's device, with the sequential TSA
+clustering on the CPU (the reference's placement), and with the batched TSA; then the TSA alone
+on one batch's features (split into K-means and sampling), the K-means iterations per image, and
+a torch.profiler table of one sequential TSA call.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from wsolbench.config import resolve_config
+from wsolbench.experiment import build_model, resolve_device
+from wsolbench.methods.base import TrainingProgress
+from wsolbench.methods.dawsol import target_sample_assigner as assigner_module
+from wsolbench.trainer import Trainer
+
+
+def median_ms(fn, steps: int, warmup: int, device: torch.device) -> float:
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
+    progress = TrainingProgress(epoch=1, batch_index=0, iterations_per_epoch=100, num_epochs=2)
+    per_image = args.batch_size
+
+    def make(uda: str, mode: str = "sequential"):
+        config = resolve_config(dict(dataset="bench", data_root="-", out="-", method="cam", uda=uda,
+                                     backbone=args.backbone, pretrained="none", image_size=args.image_size,
+                                     batch_size=args.batch_size, assigner_mode=mode, epochs=2,
+                                     device=args.device))
+        model = build_model(config, args.classes)
+        trainer = Trainer(model, config, device)
+        trainer.start_epoch(1)
+
+        def step() -> None:
+            model.train()
+            out = model.training_step(images, labels, progress)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            trainer.optimizer.step()
+        return model, step
+
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{args.backbone} {args.image_size}px batch {args.batch_size} fp32, median of {args.steps} steps")
+    _, cam_step = make("none")
+    cam = median_ms(cam_step, args.steps, args.warmup, device) / per_image
+    print(f"  cam                               {cam:8.2f} ms/img")
+    for label, mode, clustering in (("cam+mmd sequential, cluster on F's device", "sequential", None),
+                                    ("cam+mmd sequential, cluster on CPU", "sequential", "cpu"),
+                                    ("cam+mmd batched, cluster on F's device", "batched", None)):
+        model, step = make("mmd", mode)
+        model.assigner.clustering_device = None if clustering is None else torch.device(clustering)
+        value = median_ms(step, args.steps, args.warmup, device) / per_image
+        print(f"  {label:<42}{value:8.2f} ms/img  {value / cam:6.2f}x cam", flush=True)
+
+    # The TSA alone on one batch's live features.
+    model, _ = make("mmd")
+    with torch.no_grad():
+        out = model.method.training_step(images, labels, progress)
+    features, source = out.features.detach(), out.source_features.detach()
+    assigner = model.assigner
+    iterations: list[int] = []
+    kmeans_time = [0.0]
+    original = assigner_module.kmeans
+
+    def counted(*a, **k):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = original(*a, **k)
+        iterations.extend(result.n_iter.tolist())
+        kmeans_time[0] += time.perf_counter() - start
+        return result
+    assigner_module.kmeans = counted
+    for mode, clustering in (("sequential", None), ("sequential", "cpu"), ("batched", None)):
+        assigner.mode = mode
+        assigner.clustering_device = None if clustering is None else torch.device(clustering)
+        iterations.clear()
+        kmeans_time[0] = 0.0
+        total = median_ms(lambda: assigner(features, source, labels), 3, 1, device)
+        print(f"  TSA alone, {mode:<10} on {clustering or device.type:<4}: {total / per_image:7.2f} ms/img; "
+              f"K-means {kmeans_time[0] * 1000 / 4 / per_image:7.2f} ms/img; "
+              f"iterations per image {sorted(iterations)[len(iterations) // 2]} median, max {max(iterations)}",
+              flush=True)
+    assigner_module.kmeans = original
+
+    # One sequential TSA call under the profiler.
+    assigner.mode, assigner.clustering_device = "sequential", None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        assigner(features, source, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = profile.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    if device.type == "cuda":
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            try:
+                print(events.table(sort_by=key, row_limit=12))
+                break
+            except Exception:  # the key's name differs between torch versions
+                continue
+
+
+if __name__ == "__main__":
+    main()
