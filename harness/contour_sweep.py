@@ -31,12 +31,57 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-# Per 2x2 block, its four corners as bits: top-left 1, top-right 2, bottom-left 4, bottom-right 8.
-# Doubled polygon area of a hole-free component: 2 per full block, 1 per three-corner block.
-_AREA2 = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 2], dtype=np.int64)
-# Euler number times 4 for 8-connectivity (Gray's bit-quads): +1 per one-corner block, -1 per
-# three-corner block, -2 per diagonal pair. A component's hole count is 1 - EULER4 / 4.
-_EULER4 = np.array([0, 1, 1, 0, 1, 0, -2, -1, 1, -2, 0, -1, 0, -1, -1, 0], dtype=np.int64)
+# A pixel's eight neighbours in ring order (bit k of its neighbourhood mask): N, NE, E, SE, S, SW,
+# W, NW, as (row, column) offsets.
+_RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
+# The four 2x2 blocks that hold the pixel: the ring positions of their other three pixels, and the
+# pixel's own corner bit in each (block corners as bits: top-left 1, top-right 2, bottom-left 4,
+# bottom-right 8; the neighbours' bits listed in the same order as their ring positions).
+_BLOCKS = (((7, 1), (0, 2), (6, 4), 8),   # the pixel is the bottom-right corner: NW, N, W
+           ((0, 1), (1, 2), (2, 8), 4),   # bottom-left: N, NE, E
+           ((6, 1), (5, 4), (4, 8), 2),   # top-right: W, SW, S
+           ((2, 2), (4, 4), (3, 8), 1))   # top-left: E, S, SE
+# Per 2x2 block: the doubled polygon area a hole-free component gets from it (2 per full block, 1
+# per three-corner block), and its Euler number times 4 for 8-connectivity (Gray's bit-quads: +1
+# per one-corner block, -1 per three-corner block, -2 per diagonal pair). A component's hole count
+# is 1 - EULER4 / 4.
+_AREA2 = (0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 2)
+_EULER4 = (0, 1, 1, 0, 1, 0, -2, -1, 1, -2, 0, -1, 0, -1, -1, 0)
+
+
+def _neighbourhood_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per 8-neighbourhood mask (256): what adding the pixel changes, read from the mask alone.
+
+    groups/group_count: one present neighbour per group of present neighbours that are 8-adjacent
+    to one another (through the ring, not through the pixel). Neighbours in one group are in one
+    component already (each was united with its present neighbours when it was added), so the new
+    pixel needs one find per group, not one per neighbour. area2/euler4: the change of the
+    component's doubled area and 4x Euler number, summed over the pixel's four blocks.
+    """
+    groups = np.zeros((256, 4), dtype=np.int64)
+    group_count = np.zeros(256, dtype=np.int64)
+    area2 = np.zeros(256, dtype=np.int64)
+    euler4 = np.zeros(256, dtype=np.int64)
+    for mask in range(256):
+        present = [k for k in range(8) if mask >> k & 1]
+        label = {k: k for k in present}
+        for a in present:
+            for b in present:
+                if a < b and max(abs(_RING[a][0] - _RING[b][0]), abs(_RING[a][1] - _RING[b][1])) == 1:
+                    old, new = label[b], label[a]
+                    label = {k: (new if v == old else v) for k, v in label.items()}
+        representatives = sorted(set(label.values()))
+        group_count[mask] = len(representatives)
+        groups[mask, :len(representatives)] = representatives
+        for block in _BLOCKS:
+            neighbours, own = block[:3], block[3]
+            old = sum(bit for position, bit in neighbours if mask >> position & 1)
+            area2[mask] += _AREA2[old | own] - _AREA2[old]
+            euler4[mask] += _EULER4[old | own] - _EULER4[old]
+    return groups, group_count, area2, euler4
+
+
+_GROUPS, _GROUP_COUNT, _AREA2_CHANGE, _EULER4_CHANGE = _neighbourhood_tables()
 
 # The kernels index a copy of the map padded by one absent pixel on each side, so neighbours need
 # no bounds checks, and the padding ring doubles as "outside" for the hole search.
@@ -63,6 +108,21 @@ def _max_iou(x0, y0, x1, y1, gt):
         iou = inter / denominator if denominator > 0 else 0.0
         if iou > best:
             best = iou
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _max_cover(x0, y0, x1, y1, gt):
+    """Max over ground-truth boxes G of |box & G| / |G|: a bound on the IoU of any box inside."""
+    best = 0.0
+    for g in range(gt.shape[0]):
+        ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
+        iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
+        inter = max(0, ix) * max(0, iy)
+        area = (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1)
+        cover = inter / area if area > 0 else 0.0
+        if cover > best:
+            best = cover
     return best
 
 
@@ -96,7 +156,6 @@ class Workspace:
         self.listed = np.zeros(n, dtype=np.int32)  # the components that can reach the IoU floor
         self.listed_at = np.full(n, -1, dtype=np.int32)
         self.order = np.zeros(height * width, dtype=np.int32)
-        self.block = np.zeros(n, dtype=np.uint8)  # 2x2 blocks, by the padded index of their bottom-right pixel
         self.quantized = np.zeros((height, width), dtype=np.uint8)
 
 
@@ -127,8 +186,8 @@ def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, 
     gt_areas = (gt[:, 2] - gt[:, 0] + 1) * (gt[:, 3] - gt[:, 1] + 1)
     min_area = 0.0 if largest else float(floor) * float(gt_areas.min())
     _sweep(np.ascontiguousarray(quantized, dtype=np.uint8), level_slot.astype(np.int64), gt, largest, min_area,
-           best_all, best_largest, w.parent, w.size, w.box, w.area2, w.euler4, w.dirty, w.iou, w.listed,
-           w.listed_at, w.order, w.block)
+           float(floor), best_all, best_largest, w.parent, w.size, w.box, w.area2, w.euler4, w.dirty, w.iou, w.listed,
+           w.listed_at, w.order, _GROUPS, _GROUP_COUNT, _AREA2_CHANGE, _EULER4_CHANGE)
     return best_all, best_largest
 
 
@@ -165,8 +224,9 @@ def _list_if_large(a, area, min_area, listed, listed_at, n_listed):
 
 
 @njit(cache=True, nogil=True)
-def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
-           parent, size, box, area2, euler4, dirty, iou, listed, listed_at, order, block):
+def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_largest,
+           parent, size, box, area2, euler4, dirty, iou, listed, listed_at, order,
+           groups, group_count, area2_change, euler4_change):
     height, width = quantized.shape
     wp = width + 2
     n = height * width
@@ -198,10 +258,8 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             if v > maximum:
                 maximum = v
 
-    neighbours8 = np.array([-wp - 1, -wp, -wp + 1, -1, 1, wp - 1, wp, wp + 1])
-    neighbours4 = np.array([-wp, -1, 1, wp])
-    corner_block = np.array([0, 1, wp, wp + 1])  # the blocks this pixel is the BR, BL, TR, TL corner of
-    corner_bit = np.array([8, 4, 2, 1])
+    # Ring order, as in _RING: N, NE, E, SE, S, SW, W, NW.
+    ring = np.array([-wp, -wp + 1, 1, wp + 1, wp, wp - 1, -1, -wp - 1])
 
     # ---- Foreground: 8-connected components of U > t, t falling. -------------------------------
     n_listed = 0
@@ -212,38 +270,44 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             p = order[i]
             r = p // wp - 1
             c = p - (r + 1) * wp - 1
-            parent[p] = p
-            size[p] = 1
-            box[p, 0] = c
-            box[p, 1] = r
-            box[p, 2] = c
-            box[p, 3] = r
-            area2[p] = 0
-            euler4[p] = 0
-            n_components += 1
-            root = p
+            mask = 0
             for k in range(8):
-                q = p + neighbours8[k]
-                if parent[q] < 0:
-                    continue
-                other = _find(parent, q)
-                if other == root:
-                    continue
-                if size[root] < size[other]:
-                    root, other = other, root
-                n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed)
-                n_components -= 1
+                if parent[p + ring[k]] >= 0:
+                    mask |= 1 << k
+            n_groups = group_count[mask]
+            if n_groups == 0:  # a new component
+                root = p
+                parent[p] = p
+                size[p] = 1
+                box[p, 0] = c
+                box[p, 1] = r
+                box[p, 2] = c
+                box[p, 3] = r
+                area2[p] = 0
+                euler4[p] = 0
+                n_components += 1
+            else:  # joins its neighbours' components, which it unites
+                root = _find(parent, p + ring[groups[mask, 0]])
+                for j in range(1, n_groups):
+                    other = _find(parent, p + ring[groups[mask, j]])
+                    if other == root:
+                        continue
+                    if size[root] < size[other]:
+                        root, other = other, root
+                    n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at,
+                                      n_listed)
+                    n_components -= 1
+                parent[p] = root
+                size[root] += 1
+                box[root, 0] = min(box[root, 0], c)
+                box[root, 1] = min(box[root, 1], r)
+                box[root, 2] = max(box[root, 2], c)
+                box[root, 3] = max(box[root, 3], r)
             # The 2x2 blocks with this pixel as a corner: their present pixels are all 8-adjacent
             # to it, so they belong to `root` now.
-            for k in range(4):
-                b = p + corner_block[k]
-                old = block[b]
-                new = old | corner_bit[k]
-                block[b] = new
-                change = _EULER4[new] - _EULER4[old]
-                euler4[root] += change
-                euler4_total += change
-                area2[root] += _AREA2[new] - _AREA2[old]
+            area2[root] += area2_change[mask]
+            euler4[root] += euler4_change[mask]
+            euler4_total += euler4_change[mask]
             dirty[root] = 1
             if listed_at[root] < 0:
                 area = ((min(box[root, 2] + 1, width - 1) - box[root, 0] + 1)
@@ -271,14 +335,6 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
                 dirty[a] = 0
             if iou[a] > best:
                 best = iou[a]
-            if any_holes and euler4[a] != 4:
-                # A hole's box lies inside its component's box, so only the holes of listed
-                # components can reach the floor; the hole search covers their boxes only.
-                has_holes[slot] = True
-                region_x0 = min(region_x0, box[a, 0])
-                region_y0 = min(region_y0, box[a, 1])
-                region_x1 = max(region_x1, box[a, 2])
-                region_y1 = max(region_y1, box[a, 3])
             if largest:
                 lower = area2[a]
                 if euler4[a] == 4:
@@ -295,6 +351,22 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
                 elif upper > upper_second:
                     upper_second = upper
         best_all[slot] = best
+        if any_holes:
+            # A hole's contour box lies inside its component's box E, so its IoU with a GT box G
+            # is at most |E & G| / |G|. The hole search needs only the components whose holes
+            # could beat this level's best and reach the floor, and covers their boxes only.
+            for i in range(n_listed):
+                a = listed[i]
+                if euler4[a] == 4:
+                    continue
+                bound = _max_cover(box[a, 0], box[a, 1], min(box[a, 2] + 1, width - 1),
+                                   min(box[a, 3] + 1, height - 1), gt)
+                if bound > best and bound >= floor:
+                    has_holes[slot] = True
+                    region_x0 = min(region_x0, box[a, 0])
+                    region_y0 = min(region_y0, box[a, 1])
+                    region_x1 = max(region_x1, box[a, 2])
+                    region_y1 = max(region_y1, box[a, 3])
         if largest:
             rival = upper_second if upper_first_root == top_root else upper_first
             # A hole contour can tie its own component's outer contour only if the component has
@@ -308,8 +380,6 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
         p = order[i]
         parent[p] = -1
         listed_at[p] = -1
-        for k in range(4):
-            block[p + corner_block[k]] = 0
 
     # ---- Holes: 4-connected components of U <= t not connected to the outside, t rising. --------
     # Only up to the last level that has a hole at all (most smooth maps have none).
@@ -322,11 +392,20 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
         return
     # Every pixel outside the region counts as "outside": a hole lies strictly inside its
     # component's box, so it never touches them, and a background component that does touch them
-    # is no hole of any listed component. One root stands for all of them.
+    # is no hole of any listed component. One root stands for all of them, and the one-pixel frame
+    # around the region points at it, so the region's pixels need no bounds checks.
     outside = 0  # a padding pixel: never one of the region's own pixels
     parent[outside] = outside
     size[outside] = (height + 2) * wp
     listed_at[outside] = -1
+    frame_top = region_y0 * wp + region_x0  # padded index of (region_y0 - 1, region_x0 - 1)
+    frame_bottom = (region_y1 + 2) * wp + region_x0
+    for c in range(region_x1 - region_x0 + 3):
+        parent[frame_top + c] = outside
+        parent[frame_bottom + c] = outside
+    for r in range(region_y0 + 1, region_y1 + 2):
+        parent[r * wp + region_x0] = outside
+        parent[r * wp + region_x1 + 2] = outside
     n_listed = 0
     for t in range(0, last_hole_level + 1):
         for i in range(start[t], start[t + 1]):
@@ -335,28 +414,35 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
             c = p - (r + 1) * wp - 1
             if r < region_y0 or r > region_y1 or c < region_x0 or c > region_x1:
                 continue
-            parent[p] = p
-            size[p] = 1
-            box[p, 0] = c
-            box[p, 1] = r
-            box[p, 2] = c
-            box[p, 3] = r
-            root = p
-            for k in range(4):
-                q = p + neighbours4[k]
-                rq = r + (-1 if k == 0 else (1 if k == 3 else 0))
-                cq = c + (-1 if k == 1 else (1 if k == 2 else 0))
-                if rq < region_y0 or rq > region_y1 or cq < region_x0 or cq > region_x1:
-                    other = _find(parent, outside)
-                elif parent[q] < 0:
+            root = -1
+            for k in range(0, 8, 2):  # N, E, S, W: 4-connectivity
+                q = p + ring[k]
+                if parent[q] < 0:
                     continue
-                else:
-                    other = _find(parent, q)
+                other = _find(parent, q)
+                if root < 0:
+                    root = other
+                    continue
                 if other == root:
                     continue
                 if size[root] < size[other]:
                     root, other = other, root
                 n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed)
+            if root < 0:  # a new component
+                root = p
+                parent[p] = p
+                size[p] = 1
+                box[p, 0] = c
+                box[p, 1] = r
+                box[p, 2] = c
+                box[p, 3] = r
+            else:
+                parent[p] = root
+                size[root] += 1
+                box[root, 0] = min(box[root, 0], c)
+                box[root, 1] = min(box[root, 1], r)
+                box[root, 2] = max(box[root, 2], c)
+                box[root, 3] = max(box[root, 3], r)
             dirty[root] = 1
             if root != outside and listed_at[root] < 0:
                 area = ((min(box[root, 2] + 2, width - 1) - box[root, 0] + 2)
@@ -381,4 +467,10 @@ def _sweep(quantized, level_slot, gt, largest, min_area, best_all, best_largest,
         p = order[i]
         parent[p] = -1
         listed_at[p] = -1
+    for c in range(region_x1 - region_x0 + 3):
+        parent[frame_top + c] = -1
+        parent[frame_bottom + c] = -1
+    for r in range(region_y0 + 1, region_y1 + 2):
+        parent[r * wp + region_x0] = -1
+        parent[r * wp + region_x1 + 2] = -1
     parent[outside] = -1
