@@ -160,3 +160,28 @@ def test_console_command_keeps_stdout_clean_for_json(box_split):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["MaxBoxAccV2"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("array", [
+    np.linspace(0, 1, 224 * 224).reshape(224, 224),                       # the usual float64 map
+    np.linspace(0, 1, 224 * 224, dtype=np.float32).reshape(224, 224),     # float32
+    np.asfortranarray(np.linspace(0, 1, 224 * 224).reshape(224, 224)),    # Fortran order
+    np.linspace(0, 1, 224 * 224).reshape(224, 224).astype(">f8"),         # big-endian
+], ids=["float64", "float32", "fortran", "big-endian"])
+def test_maps_read_as_numpy_reads_them(tmp_path, array):
+    from wsolbench.scoremaps import load_scoremap
+    np.save(tmp_path / "x.jpg.npy", array)
+    loaded = load_scoremap(tmp_path, "x.jpg")
+    assert loaded.dtype == np.float64 and np.array_equal(loaded, np.load(tmp_path / "x.jpg.npy"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header only"])
+def test_a_damaged_map_file_is_named(tmp_path, damage):
+    from wsolbench.errors import InputError
+    from wsolbench.scoremaps import load_scoremap
+    path = tmp_path / "x.jpg.npy"
+    np.save(path, np.zeros((224, 224)))
+    content = path.read_bytes()
+    path.write_bytes({"truncated": content[:-8], "header only": content[:128]}[damage])
+    with pytest.raises(InputError, match=r"x\.jpg\.npy: not a readable \.npy array"):
+        load_scoremap(tmp_path, "x.jpg")
