@@ -28,6 +28,9 @@ last pixel, clipped to width-1, and the box is then used as inclusive.
 """
 from __future__ import annotations
 
+import importlib.abc
+import sys
+
 import numpy as np
 from numba import njit
 
@@ -138,6 +141,34 @@ def quantize_into(scoremap, out):
             if v > maximum:
                 maximum = v
     return maximum
+
+
+class _HideScipy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "scipy.linalg" or name.startswith("scipy.linalg."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden while numba starts)", name=name)
+        return None
+
+
+def load_kernels() -> None:
+    """Load the compiled kernels from numba's cache now, once, before threads ask for them.
+
+    numba's first kernel load in a process sets up its typing and target contexts, and on the
+    way imports scipy.linalg (0.1-0.2 s on the dev VM, a tenth of a 1,000-map evaluation) only
+    to learn whether its np.correlate/np.convolve may call BLAS; nothing here uses them. So when
+    scipy.linalg is not imported yet, it is hidden for the length of that first load: numba then
+    uses its own loop for those two functions in this process, and imports scipy.linalg as usual
+    for anything that needs it (its linear algebra asks for it when it is compiled, and finds it).
+    """
+    hide = "scipy.linalg" not in sys.modules
+    if hide:
+        shield = _HideScipy()
+        sys.meta_path.insert(0, shield)
+    try:
+        quantize_into(np.zeros((1, 1)), np.zeros((1, 1), dtype=np.uint8))
+    finally:
+        if hide:
+            sys.meta_path.remove(shield)
 
 
 class Workspace:

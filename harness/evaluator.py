@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from numba import njit
 
-from wsolbench.contour_sweep import Workspace, quantize_into, sweep_levels
+from wsolbench.contour_sweep import Workspace, load_kernels, quantize_into, sweep_levels
 from wsolbench.datasets.masks import load_gt_mask
 from wsolbench.datasets.metadata import SplitMetadata
 from wsolbench.errors import InputError, WsolbenchError
@@ -527,6 +527,7 @@ def evaluate_split(metadata: SplitMetadata, load_scoremap: ScoremapLoader, *,
             evaluator.add(image_id, load_scoremap(image_id), predictions[image_id] if predictions else None)
 
     workers = workers or min(os.cpu_count() or 1, 8)
+    load_kernels()  # once, here, rather than by the first thread while the others wait for it
     # Chunks small enough to keep every thread busy, large enough to amortise the scheduling.
     chunk_size = max(1, min(64, math.ceil(len(metadata) / (4 * workers))))
     chunks = list(_chunks(metadata.image_ids, chunk_size))
