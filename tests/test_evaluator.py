@@ -388,3 +388,26 @@ def test_fast_engine_equals_the_definition_on_full_size_maps(shared_dir):
         fast = best_ious_fast(scoremap, gt, thresholds)
         definition = best_ious_definition(scoremap, gt, thresholds)
         assert np.array_equal(fast[0], definition[0]) and np.array_equal(fast[1], definition[1]), i
+
+
+def test_loading_the_kernels_hides_scipy_linalg_from_numba_only_while_it_starts():
+    """load_kernels keeps scipy.linalg out of numba's start-up (0.1-0.2 s); afterwards scipy.linalg
+    imports as usual and numba code that needs BLAS still compiles (checked in a fresh process)."""
+    import subprocess
+    import sys
+    pytest.importorskip("scipy")
+    script = """
+import sys
+from wsolbench.contour_sweep import load_kernels
+load_kernels()
+assert "scipy.linalg" not in sys.modules, "numba imported scipy.linalg at start-up"
+assert not any(type(finder).__name__ == "_HideScipy" for finder in sys.meta_path)
+import numba, numpy as np
+import scipy.linalg
+dot = numba.njit(lambda a, b: np.dot(a, b))
+assert dot(np.ones((2, 3)), np.ones((3, 2))).tolist() == [[3.0, 3.0], [3.0, 3.0]]
+convolve = numba.njit(lambda a, b: np.convolve(a, b))
+assert convolve(np.ones(3), np.ones(2)).tolist() == [1.0, 2.0, 2.0, 1.0]
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
