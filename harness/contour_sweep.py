@@ -252,6 +252,28 @@ def _merge(a, b, parent, size, box, area2, euler4, dirty, listed, listed_at, n_l
 
 
 @njit(cache=True, nogil=True)
+def _new_component(p, r, c, parent, size, box):
+    """Pixel p at (r, c) starts a component of its own."""
+    parent[p] = p
+    size[p] = 1
+    box[p, 0] = c
+    box[p, 1] = r
+    box[p, 2] = c
+    box[p, 3] = r
+
+
+@njit(cache=True, nogil=True)
+def _join(p, r, c, root, parent, size, box):
+    """Pixel p at (r, c) joins the component of `root`."""
+    parent[p] = root
+    size[root] += 1
+    box[root, 0] = min(box[root, 0], c)
+    box[root, 1] = min(box[root, 1], r)
+    box[root, 2] = max(box[root, 2], c)
+    box[root, 3] = max(box[root, 3], r)
+
+
+@njit(cache=True, nogil=True)
 def _list_if_large(a, area, min_area, listed, listed_at, n_listed):
     """Add root a (not listed yet) once its evaluated box can reach the IoU floor (boxes only grow)."""
     if area >= min_area:
@@ -316,12 +338,7 @@ def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_l
             n_groups = group_count[mask]
             if n_groups == 0:  # a new component
                 root = p
-                parent[p] = p
-                size[p] = 1
-                box[p, 0] = c
-                box[p, 1] = r
-                box[p, 2] = c
-                box[p, 3] = r
+                _new_component(p, r, c, parent, size, box)
                 area2[p] = 0
                 euler4[p] = 0
                 n_components += 1
@@ -336,12 +353,7 @@ def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_l
                     n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at,
                                       n_listed)
                     n_components -= 1
-                parent[p] = root
-                size[root] += 1
-                box[root, 0] = min(box[root, 0], c)
-                box[root, 1] = min(box[root, 1], r)
-                box[root, 2] = max(box[root, 2], c)
-                box[root, 3] = max(box[root, 3], r)
+                _join(p, r, c, root, parent, size, box)
             # The 2x2 blocks with this pixel as a corner: their present pixels are all 8-adjacent
             # to it, so they belong to `root` now.
             area2[root] += area2_change[mask]
@@ -469,19 +481,9 @@ def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_l
                 n_listed = _merge(root, other, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed)
             if root < 0:  # a new component
                 root = p
-                parent[p] = p
-                size[p] = 1
-                box[p, 0] = c
-                box[p, 1] = r
-                box[p, 2] = c
-                box[p, 3] = r
+                _new_component(p, r, c, parent, size, box)
             else:
-                parent[p] = root
-                size[root] += 1
-                box[root, 0] = min(box[root, 0], c)
-                box[root, 1] = min(box[root, 1], r)
-                box[root, 2] = max(box[root, 2], c)
-                box[root, 3] = max(box[root, 3], r)
+                _join(p, r, c, root, parent, size, box)
             dirty[root] = 1
             if root != outside and listed_at[root] < 0:
                 area = ((min(box[root, 2] + 2, width - 1) - box[root, 0] + 2)
