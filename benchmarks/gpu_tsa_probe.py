@@ -23,19 +23,11 @@ from wsolbench.methods.base import TrainingProgress
 from wsolbench.methods.dawsol import target_sample_assigner as assigner_module
 from wsolbench.trainer import Trainer
 
+from train_step import timed_steps  # this folder's Table-4 benchmark: the same timing loop
+
 
 def median_ms(fn, steps: int, warmup: int, device: torch.device) -> float:
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return statistics.median(timed_steps(fn, steps, warmup, device)) * 1000
 
 
 def main() -> None:
