@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import threading
 
 import numpy as np
 from numba import njit
@@ -151,10 +152,19 @@ def quantize_into(scoremap, out):
 
 
 class _HideScipy(importlib.abc.MetaPathFinder):
+    """Makes scipy.linalg unimportable, for the thread that installed it only."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
     def find_spec(self, name, path=None, target=None):
-        if name == "scipy.linalg" or name.startswith("scipy.linalg."):
+        if threading.get_ident() == self.thread and (name == "scipy.linalg" or name.startswith("scipy.linalg.")):
             raise ModuleNotFoundError(f"No module named {name!r} (hidden while numba starts)", name=name)
         return None
+
+
+_kernels_loaded = False
+_kernels_lock = threading.Lock()
 
 
 def load_kernels() -> None:
@@ -163,19 +173,24 @@ def load_kernels() -> None:
     numba's first kernel load in a process sets up its typing and target contexts, and on the
     way imports scipy.linalg (0.1-0.2 s on the dev VM, a tenth of a 1,000-map evaluation) only
     to learn whether its np.correlate/np.convolve may call BLAS; nothing here uses them. So when
-    scipy.linalg is not imported yet, it is hidden for the length of that first load: numba then
-    uses its own loop for those two functions in this process, and imports scipy.linalg as usual
-    for anything that needs it (its linear algebra asks for it when it is compiled, and finds it).
+    scipy.linalg is not imported yet, it is hidden for the length of that first load, from this
+    thread only: numba then uses its own loop for those two functions in this process, and
+    imports scipy.linalg as usual for anything that needs it (its linear algebra asks for it when
+    it is compiled, and finds it).
     """
-    hide = "scipy.linalg" not in sys.modules
-    if hide:
-        shield = _HideScipy()
-        sys.meta_path.insert(0, shield)
-    try:
-        quantize_into(np.zeros((1, 1)), np.zeros((1, 1), dtype=np.uint8))
-    finally:
-        if hide:
-            sys.meta_path.remove(shield)
+    global _kernels_loaded
+    with _kernels_lock:
+        if _kernels_loaded:
+            return
+        shield = _HideScipy() if "scipy.linalg" not in sys.modules else None
+        if shield is not None:
+            sys.meta_path.insert(0, shield)
+        try:
+            quantize_into(np.zeros((1, 1)), np.zeros((1, 1), dtype=np.uint8))
+        finally:
+            if shield is not None:
+                sys.meta_path.remove(shield)
+        _kernels_loaded = True
 
 
 class Workspace:

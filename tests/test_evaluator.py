@@ -402,12 +402,36 @@ from wsolbench.contour_sweep import load_kernels
 load_kernels()
 assert "scipy.linalg" not in sys.modules, "numba imported scipy.linalg at start-up"
 assert not any(type(finder).__name__ == "_HideScipy" for finder in sys.meta_path)
+load_kernels()  # a second call does nothing
 import numba, numpy as np
 import scipy.linalg
 dot = numba.njit(lambda a, b: np.dot(a, b))
 assert dot(np.ones((2, 3)), np.ones((3, 2))).tolist() == [[3.0, 3.0], [3.0, 3.0]]
 convolve = numba.njit(lambda a, b: np.convolve(a, b))
 assert convolve(np.ones(3), np.ones(2)).tolist() == [1.0, 2.0, 2.0, 1.0]
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_scipy_linalg_shield_holds_only_for_the_thread_that_loads_the_kernels():
+    import subprocess
+    import sys
+    pytest.importorskip("scipy")
+    script = """
+import sys, threading
+from wsolbench.contour_sweep import _HideScipy
+shield = _HideScipy()
+sys.meta_path.insert(0, shield)
+try:
+    import scipy.linalg
+    raise SystemExit("the loading thread imported scipy.linalg through the shield")
+except ModuleNotFoundError:
+    pass
+imported = []
+worker = threading.Thread(target=lambda: imported.append(__import__("scipy.linalg")))
+worker.start(); worker.join()
+assert imported, "another thread could not import scipy.linalg"
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
