@@ -11,7 +11,7 @@ import pytest
 from wsolbench.datasets.masks import load_gt_mask
 from wsolbench.datasets.metadata import SplitMetadata, read_split
 from wsolbench.errors import WsolbenchError
-from wsolbench.evaluator import (MaskResult, accumulate_mask_histograms, best_ious_definition, best_ious_fast,
+from wsolbench.evaluator import (ENGINES, MaskResult, accumulate_mask_histograms, best_ious_definition, best_ious_fast,
                                  contour_boxes, evaluate_split, histogram_edges, multiple_iou, quantize,
                                  rescale_box, score_thresholds, threshold_levels)
 
@@ -168,6 +168,19 @@ def test_a_ring_is_found_by_its_hole_contour_in_v2_only(engine):
     # v1 keeps the outer contour [40, 40, 161, 161]: IoU (84 * 84) / (122 * 122) = 0.474.
     assert v1["per_iou"] == {"50": 0.0}
     assert v1["GT-known Loc"] == 100.0  # GT-known always uses all contours
+
+
+@pytest.mark.parametrize("engine", ["fast", "definition"])
+def test_a_hole_that_barely_beats_its_outer_contour_is_found(engine):
+    # A ring two pixels thick: outer box [10, 10, 210, 210], hole pixels 12..207, so the hole
+    # contour's box is [11, 11, 209, 209], the GT. The outer box's IoU with it is 199^2 / 201^2 =
+    # 0.980, within 0.02 of the hole's 1.0: the hole search's bound (an IoU of at most
+    # |E & G| / |G| = 1 for a box inside E) must still send the search there.
+    ring = square_map(10, 10, 209, 209)
+    ring[12:208, 12:208] = 0
+    gt = np.array([(11, 11, 209, 209)])
+    best_all, _ = ENGINES[engine](ring, gt, score_thresholds(0.01), largest=False, floor=0.3)
+    assert np.all(best_all == 1.0)
 
 
 @pytest.mark.parametrize("engine", ["fast", "definition"])
