@@ -107,14 +107,20 @@ def _find(parent, p):
 
 
 @njit(cache=True, nogil=True)
+def _intersection(x0, y0, x1, y1, gt, g):
+    """Pixels shared by an inclusive box and ground-truth box g (spec §2.3: +1 per side)."""
+    ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
+    iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
+    return max(0, ix) * max(0, iy)
+
+
+@njit(cache=True, nogil=True)
 def _max_iou(x0, y0, x1, y1, gt):
     """Max over ground-truth boxes of the protocol's IoU (spec §2.3: inclusive, +1 areas)."""
     best = 0.0
     area = (x1 - x0 + 1) * (y1 - y0 + 1)
     for g in range(gt.shape[0]):
-        ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
-        iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
-        inter = max(0, ix) * max(0, iy)
+        inter = _intersection(x0, y0, x1, y1, gt, g)
         denominator = area + (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1) - inter
         iou = inter / denominator if denominator > 0 else 0.0
         if iou > best:
@@ -127,11 +133,8 @@ def _max_cover(x0, y0, x1, y1, gt):
     """Max over ground-truth boxes G of |box & G| / |G|: a bound on the IoU of any box inside."""
     best = 0.0
     for g in range(gt.shape[0]):
-        ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
-        iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
-        inter = max(0, ix) * max(0, iy)
         area = (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1)
-        cover = inter / area if area > 0 else 0.0
+        cover = _intersection(x0, y0, x1, y1, gt, g) / area if area > 0 else 0.0
         if cover > best:
             best = cover
     return best
@@ -296,6 +299,19 @@ def _list_if_large(a, area, min_area, listed, listed_at, n_listed):
         listed_at[a] = n_listed
         n_listed += 1
     return n_listed
+
+
+@njit(cache=True, nogil=True)
+def _set_frame(parent, value, wp, x0, y0, x1, y1):
+    """parent = value on the one-pixel frame around the region (x0, y0)-(x1, y1), padded indices."""
+    top = y0 * wp + x0  # padded index of (y0 - 1, x0 - 1)
+    bottom = (y1 + 2) * wp + x0  # of (y1 + 1, x0 - 1)
+    for c in range(x1 - x0 + 3):
+        parent[top + c] = value
+        parent[bottom + c] = value
+    for r in range(y0 + 1, y1 + 2):
+        parent[r * wp + x0] = value
+        parent[r * wp + x1 + 2] = value
 
 
 @njit(cache=True, nogil=True)
@@ -464,14 +480,7 @@ def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_l
     parent[outside] = outside
     size[outside] = (height + 2) * wp
     listed_at[outside] = -1
-    frame_top = region_y0 * wp + region_x0  # padded index of (region_y0 - 1, region_x0 - 1)
-    frame_bottom = (region_y1 + 2) * wp + region_x0
-    for c in range(region_x1 - region_x0 + 3):
-        parent[frame_top + c] = outside
-        parent[frame_bottom + c] = outside
-    for r in range(region_y0 + 1, region_y1 + 2):
-        parent[r * wp + region_x0] = outside
-        parent[r * wp + region_x1 + 2] = outside
+    _set_frame(parent, outside, wp, region_x0, region_y0, region_x1, region_y1)
     n_listed = 0
     for t in range(0, last_hole_level + 1):
         for i in range(start[t], start[t + 1]):
@@ -523,10 +532,5 @@ def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_l
         p = order[i]
         parent[p] = -1
         listed_at[p] = -1
-    for c in range(region_x1 - region_x0 + 3):
-        parent[frame_top + c] = -1
-        parent[frame_bottom + c] = -1
-    for r in range(region_y0 + 1, region_y1 + 2):
-        parent[r * wp + region_x0] = -1
-        parent[r * wp + region_x1 + 2] = -1
+    _set_frame(parent, -1, wp, region_x0, region_y0, region_x1, region_y1)
     parent[outside] = -1
