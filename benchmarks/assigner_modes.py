@@ -11,12 +11,12 @@ against how much the batched approximation moves the numbers.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from wsolbench.config import resolve_config
 from wsolbench.datasets import synthetic
 from wsolbench.experiment import train_and_evaluate
+from wsolbench.runfolder import RunFolder
 
 FIGURES = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc", "maxboxacc_v2")
 
@@ -35,8 +35,9 @@ def main() -> None:
     for seed in map(int, args.seeds.split(",")):
         for mode in ("sequential", "batched"):
             run = args.out / f"seed{seed}-{mode}"
-            if (run / "metrics.json").exists():
-                results[seed, mode] = json.loads((run / "metrics.json").read_text())
+            folder = RunFolder(run)
+            if folder.is_complete():
+                results[seed, mode] = folder.read_metrics()
                 continue
             config = resolve_config(dict(dataset="SyntheticBoxes", data_root=str(data / "images"),
                                          metadata_root=str(data / "metadata"), method="cam", uda=args.uda,

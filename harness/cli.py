@@ -11,6 +11,7 @@ status 2; nothing is written on error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -150,7 +151,7 @@ def _run_prepare_synthetic(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{split} {count}" for split, count in summary.images.items())
     print(f"wrote {args.out}: {summary.num_classes} classes, images {counts}; datasets SyntheticBoxes and "
           f"SyntheticMasks (--data-root {summary.image_root} --metadata-root {summary.metadata_root} "
-          f"--mask-root {summary.mask_root})")
+          f"--mask-root {summary.mask_root}), and the source task SyntheticSource for `wsolbench pretrain`")
     return 0
 
 
@@ -181,6 +182,93 @@ class _Bar:
         self.bar.close()
 
 
+# The help of each config field's train flag; the flags themselves come from TrainConfig's fields,
+# so every field is settable, by the same name, from a flag and from a --config TOML file.
+_FIELD_HELP = {
+    "dataset": "dataset folder name under the metadata root (any name)",
+    "data_root": "folder the image ids are relative to",
+    "metadata_root": "metadata root (default: the real metadata shipped with wsolbench)",
+    "mask_root": "folder the mask paths of a mask dataset are relative to",
+    "train_split": "split folder trained on (default train)",
+    "val_split": "split folder evaluated at the --eval-frequency cadence (default val)",
+    "test_split": "split folder scored at the end, with the last checkpoint (default test)",
+    "method": "WSOL method (default cam)",
+    "method_options": "a method hyper-parameter, e.g. --method-option drop_rate=0.5 (repeatable)",
+    "uda": "DA-WSOL's domain adaption loss (default none)",
+    "profile": "reference profile: heads and LR groups (default auto: DA, or WE for methods only the "
+               "wsolevaluation code has, acol and spg)",
+    "backbone": "resnet50, vgg16, inception_v3, resnet18, or resnet10_half (the embedded default's)",
+    "pretrained": "imagenet (from torchvision's local cache only), none, or a .pth path (e.g. the "
+                  "weights.pth of `wsolbench pretrain`)",
+    "large_feature_map": "the large feature map (28x28 at 224 px instead of 14x14, spec §3)",
+    "lambda1": "weight of the domain loss L_d",
+    "lambda2": "weight of the Universum loss L_u",
+    "start_epoch": "DA-WSOL is active after this 0-based epoch (default 0; -1: from the first epoch)",
+    "assigner_mode": "target sample assigner: sequential (exact, the reference) or batched (faster)",
+    "source_samples": "n_s, source pixels sampled per image (spec §5.3; default 32)",
+    "target_samples": "n_t, target pixels sampled per image (spec §5.3; default 32)",
+    "use_domain_loss": "the domain loss L_d (--no-domain-loss: the ablation without it)",
+    "use_universum_loss": "the Universum loss L_u (--no-universum-loss: the ablation without it)",
+    "use_assigner": "the target sample assigner (--no-assigner: MMD between sampled pixels and z)",
+    "epochs": "training epochs",
+    "batch_size": "training batch size",
+    "lr": "base learning rate",
+    "lr_decay_frequency": "LR x0.1 at the start of every 1-indexed epoch divisible by this (spec §6.1)",
+    "lr_classifier_ratio": "LR multiplier of the classifier group (spec §3: 10)",
+    "weight_decay": "weight decay (on every parameter, spec §6.1)",
+    "momentum": "SGD momentum (spec §6.1: 0.9)",
+    "optimizer": "sgd: the references' nesterov SGD (default); adamw: for training from scratch",
+    "image_size": "crop size; evaluation happens at this size (default 224)",
+    "eval_frequency": "evaluate val every N epochs",
+    "eval_batch_size": "batch size when scoring val and test",
+    "cam_curve_interval": "the evaluator's threshold step (default 0.001, the protocol's)",
+    "box_metric": "headline box metric: v2 MaxBoxAccV2 (default) or v1 MaxBoxAcc",
+    "save_scoremaps": "write the test split's score maps into the run folder (default on)",
+    "seed": "seed of training (shuffles, augmentation, initialisation)",
+    "device": "auto: cuda when available",
+    "workers": "data-loading worker processes",
+    "precision": "bf16: autocast (mixed precision)",
+    "channels_last": "channels-last memory format",
+    "out": "run folder",
+}
+# The field that opens each group of flags in --help (groups follow the field order of TrainConfig).
+_FIELD_GROUPS = {"dataset": "data", "method": "model", "lambda1": "DA-WSOL (spec §5)",
+                 "epochs": "optimisation (spec §6.1)", "eval_frequency": "evaluation (spec §2)",
+                 "seed": "runtime"}
+# Spellings of the ablation flags from before the flags were generated (paper Table 3's names).
+_ABLATION_FLAGS = {"--no-domain-loss": "use_domain_loss", "--no-universum-loss": "use_universum_loss",
+                   "--no-assigner": "use_assigner"}
+
+
+def settable_fields() -> list[str]:
+    """The TrainConfig fields a flag or a TOML key sets (all but the derived ones)."""
+    from wsolbench.config import DERIVED_FIELDS, TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in DERIVED_FIELDS]
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field: --field-name; booleans as --flag/--no-flag. Values are parsed and
+    checked by the config (TrainConfig.validate), as a TOML file's are."""
+    from wsolbench.config import FIELD_CHOICES, TrainConfig, flag_for
+
+    defaults = TrainConfig()
+    group = p
+    for name in settable_fields():
+        if name in _FIELD_GROUPS:
+            group = p.add_argument_group(_FIELD_GROUPS[name])
+        flag, help_text = flag_for(name), _FIELD_HELP.get(name)
+        if name == "method_options":
+            group.add_argument(flag, dest=name, action="append", default=None, metavar="NAME=VALUE", help=help_text)
+        elif isinstance(getattr(defaults, name), bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = "{" + ",".join(FIELD_CHOICES[name]) + "}" if name in FIELD_CHOICES else name.upper()
+            group.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
+    for flag, name in _ABLATION_FLAGS.items():
+        p.add_argument(flag, dest=name, action="store_const", const=False, help=argparse.SUPPRESS)
+
+
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a WSOL method (optionally with DA-WSOL), then score the test split",
@@ -188,51 +276,15 @@ def _add_train(subparsers) -> None:
                     "<metadata-root>/<dataset>/{train,val,test}/, evaluate val at the recipe's cadence and the "
                     "test split at the end (last checkpoint), writing metrics.json, history.json, checkpoints "
                     "and test score maps into --out. Defaults come from the spec's recipe for the dataset and "
-                    "backbone; a --config TOML file and flags override them.")
+                    "backbone; a --config TOML file (keys: the flags' names with underscores) and flags "
+                    "override them.")
     p.add_argument("--config", type=Path, help="TOML file of config values (flags override it)")
-    p.add_argument("--dataset", help="dataset folder name under the metadata root (any name)")
-    p.add_argument("--data-root", help="folder the image ids are relative to")
-    p.add_argument("--metadata-root", help="metadata root (default: the real metadata shipped with wsolbench)")
-    p.add_argument("--mask-root", help="folder the mask paths of a mask dataset are relative to")
-    p.add_argument("--method", help="WSOL method (default cam)")
-    p.add_argument("--method-option", action="append", default=None, metavar="NAME=VALUE",
-                   help="a method hyper-parameter, e.g. --method-option drop_rate=0.5 (repeatable)")
-    p.add_argument("--uda", choices=("none", "mmd", "dann"), help="DA-WSOL's domain adaption loss (default none)")
-    p.add_argument("--profile", choices=("auto", "DA", "WE"),
-                   help="reference profile: heads and LR groups (default auto: DA, or WE for methods only "
-                        "the wsolevaluation code has, acol and spg)")
-    p.add_argument("--backbone", help="resnet50, vgg16, inception_v3 or resnet18")
-    p.add_argument("--pretrained", help="imagenet (from torchvision's local cache only), none, or a .pth path")
-    p.add_argument("--large-feature-map", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int, help="crop size; evaluation happens at this size (default 224)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-decay-frequency", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--optimizer", choices=("sgd", "adamw"),
-                   help="sgd: the references' nesterov SGD (default); adamw: for training from scratch")
-    p.add_argument("--lambda1", type=float, help="weight of the domain loss L_d")
-    p.add_argument("--lambda2", type=float, help="weight of the Universum loss L_u")
-    p.add_argument("--start-epoch", type=int, help="DA-WSOL is active after this 0-based epoch (default 0)")
-    p.add_argument("--assigner-mode", choices=("sequential", "batched"),
-                   help="target sample assigner: sequential (exact, the reference) or batched (faster)")
-    p.add_argument("--no-domain-loss", dest="use_domain_loss", action="store_const", const=False,
-                   help="ablation: no L_d")
-    p.add_argument("--no-universum-loss", dest="use_universum_loss", action="store_const", const=False,
-                   help="ablation: no L_u")
-    p.add_argument("--no-assigner", dest="use_assigner", action="store_const", const=False,
-                   help="ablation: no target sample assigner (MMD between sampled pixels and z)")
-    p.add_argument("--eval-frequency", type=int, help="evaluate val every N epochs")
-    p.add_argument("--cam-curve-interval", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--workers", type=int, help="data-loading worker processes")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast (mixed precision)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, the data and the pretrained weights, print the run record "
+                        "(run_id, identity, config) as one JSON object on stdout, and write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
     p.set_defaults(run=_run_train)
 
 
@@ -248,33 +300,71 @@ def _parse_option(text: str) -> tuple[str, object]:
     return name, {"true": True, "false": False}.get(value.lower(), value)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from wsolbench.config import resolve_config
-    from wsolbench.experiment import train_and_evaluate
+def config_from_args(args: argparse.Namespace):
+    """The resolved TrainConfig of `wsolbench train`'s flags and --config file."""
+    from wsolbench.config import resolve_config, value_from_flag
 
-    values = {k: v for k, v in vars(args).items()
-              if k not in ("config", "resume", "quiet", "run", "command", "method_option")}
-    if args.method_option:
-        values["method_options"] = dict(_parse_option(text) for text in args.method_option)
-    config = resolve_config(values, args.config)
+    values = {}
+    for name in settable_fields():
+        value = getattr(args, name)
+        if name == "method_options" and value is not None:
+            value = dict(_parse_option(text) for text in value)
+        elif isinstance(value, str):
+            value = value_from_flag(name, value)
+        values[name] = value
+    return resolve_config(values, args.config)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from wsolbench.experiment import dry_run, train_and_evaluate
+
+    config = config_from_args(args)
+    if args.dry_run:
+        print(json.dumps(dry_run(config, resume=args.resume)))
+        return 0
     train_and_evaluate(config, resume=args.resume, log=lambda line: print(line, flush=True),
                        progress_factory=None if args.quiet else _Bar)
     return 0
 
 
+def _add_pretrain(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain a backbone on a classification source task (the embedded default's ImageNet)",
+        description="Train CAM (profile WE: GAP and a linear classifier) from scratch on the classification "
+                    "split <metadata-root>/<dataset>/train (default dataset SyntheticSource, the source task "
+                    "`wsolbench prepare synthetic` writes, whose classes are disjoint from the WSOL classes), "
+                    "report val top-1, and write <out>/weights.pth (torchvision names, trunk and fc) and "
+                    "<out>/pretrain.json. `wsolbench train --pretrained <out>/weights.pth` fine-tunes it, as the "
+                    "references fine-tune ImageNet weights. Defaults: the source-task recipe; flags as for "
+                    "`wsolbench train`.")
+    p.add_argument("--config", type=Path, help="TOML file of config values (flags override it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(run=_run_pretrain, dataset="SyntheticSource", method="cam", profile="WE")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from wsolbench.pretrain import pretrain
+
+    config = config_from_args(args)
+    pretrain(config, log=lambda line: print(line, flush=True), progress_factory=None if args.quiet else _Bar)
+    return 0
+
+
 def _add_quickstart(subparsers) -> None:
     p = subparsers.add_parser(
-        "quickstart", help="the embedded default: generate the synthetic dataset, train CAM with and without "
-                           "DA-WSOL on the CPU, and print their metrics side by side",
-        description="Generate the synthetic dataset into <out>/data (once), train each method with and without "
-                    "DA-WSOL (MMD) on SyntheticBoxes with the synthetic recipe, and print a table of test metrics "
-                    "and timings. Every run folder is kept under <out>.")
+        "quickstart", help="the embedded default: generate the synthetic dataset, pretrain on its source task, "
+                           "fine-tune CAM with and without DA-WSOL on the CPU, and print their metrics side by side",
+        description="Generate the synthetic dataset into <out>/data (once), pretrain the backbone on its source "
+                    "task into <out>/pretrained (once), fine-tune each method with and without DA-WSOL (MMD) on "
+                    "SyntheticBoxes with the synthetic recipe, and print a table of test metrics and timings. "
+                    "Every run folder is kept under <out>; finished steps are reused, killed runs resumed.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     p.add_argument("--methods", default="cam", help="comma-separated methods (default cam)")
     p.add_argument("--uda", default="none,mmd", help="comma-separated domain adaption losses (default none,mmd)")
     p.add_argument("--dataset", default="SyntheticBoxes", choices=("SyntheticBoxes", "SyntheticMasks"))
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset and of training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset, of pretraining and of training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_run_quickstart)
@@ -282,27 +372,28 @@ def _add_quickstart(subparsers) -> None:
 
 def _run_quickstart(args: argparse.Namespace) -> int:
     from wsolbench.config import resolve_config
-    from wsolbench.datasets import synthetic
     from wsolbench.experiment import train_and_evaluate
+    from wsolbench.pretrain import embedded_default
+    from wsolbench.runfolder import RunFolder
 
-    data = args.out / "data"
-    if not (data / "README.txt").exists():
-        print(f"generating the synthetic dataset into {data}", flush=True)
-        synthetic.generate(data, seed=args.seed)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    progress = None if args.quiet else _Bar
+    locations, weights = embedded_default(args.out, seed=args.seed, device=args.device, log=log,
+                                          progress_factory=progress)
+    locations["device"] = args.device
     rows = []
     for method in args.methods.split(","):
         for uda in args.uda.split(","):
             run_dir = args.out / f"{method}-{uda}"
-            if (run_dir / "metrics.json").exists():
+            folder = RunFolder(run_dir)
+            if folder.is_complete():
                 print(f"{run_dir}: done already, reusing its metrics", flush=True)
-                rows.append(json.loads((run_dir / "metrics.json").read_text()))
+                rows.append(folder.read_metrics())
                 continue
-            values = {"dataset": args.dataset, "data_root": str(data / "images"), "metadata_root": str(data / "metadata"),
-                      "mask_root": str(data / "masks"), "method": method, "uda": uda, "epochs": args.epochs,
-                      "seed": args.seed, "device": args.device, "out": str(run_dir)}
-            config = resolve_config(values)
-            rows.append(train_and_evaluate(config, resume=run_dir.exists(), log=lambda line: print(line, flush=True),
-                                           progress_factory=None if args.quiet else _Bar))
+            config = resolve_config({**locations, "dataset": args.dataset, "method": method, "uda": uda,
+                                     "epochs": args.epochs, "seed": args.seed, "pretrained": str(weights),
+                                     "out": str(run_dir)})
+            rows.append(train_and_evaluate(config, resume=not folder.is_empty(), log=log, progress_factory=progress))
     print()
     print(format_runs(rows))
     return 0
@@ -330,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_evaluate(subparsers)
     _add_prepare(subparsers)
+    _add_pretrain(subparsers)
     _add_train(subparsers)
     _add_quickstart(subparsers)
     return parser

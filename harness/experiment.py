@@ -1,15 +1,14 @@
 """One training run, end to end: config -> data -> model -> trainer -> score maps -> evaluator -> files.
 
-Writes into the run folder (`--out`):
-  config.json         the resolved config, versions, device (written when the run starts)
-  checkpoints/last.pt the latest epoch: weights, optimizer, DA-WSOL state, history (for --resume)
-  history.json        per epoch: LR, loss, train accuracy and ms/image, val metrics at the cadence
-  metrics.json        the final figures (written last: its presence means the run completed)
-  scoremaps/<split>/  the test split's score maps, <image_id>.npy, for `wsolbench evaluate`
-  predictions/<split>.csv   image_id,class predictions, for `wsolbench evaluate --predictions`
-Every file is written atomically. Test metrics follow the references (spec §2.7): the last
-checkpoint, every threshold optimised on the split reported. A val-calibrated threshold is added
-as an extra figure, labelled as such.
+Writes the run folder (`--out`) through wsolbench.runfolder, which owns its layout: config.json
+(the run record: run_id, identity, resolved config, command, code commit, pretrained sha256) when
+the run starts, checkpoints/last.pt and history.json every epoch, then the test split's score maps,
+predictions and curves, and metrics.json last. Nothing is written before every check has passed
+(data, model, and for --resume the folder's identity), so a refused run leaves the folder as it
+was; `dry_run` makes the same checks and writes nothing.
+
+Test metrics follow the references (spec §2.7): the last checkpoint, every threshold optimised on
+the split reported. A val-calibrated threshold is added as an extra figure, labelled as such.
 """
 from __future__ import annotations
 
@@ -17,7 +16,9 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -25,15 +26,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsolbench import __version__, atomic
-from wsolbench.config import TrainConfig
+from wsolbench.config import TrainConfig, identity_change
 from wsolbench.datasets.images import WSOLImageDataset, test_transform, train_transform
-from wsolbench.datasets.metadata import read_split
-from wsolbench.errors import WsolbenchError
+from wsolbench.datasets.metadata import SplitMetadata, read_split
+from wsolbench.errors import InputError, WsolbenchError
 from wsolbench.evaluator import BoxResult, MaskResult, SplitEvaluator
 from wsolbench.methods import method_class
 from wsolbench.methods.backbones import build_backbone
+from wsolbench.methods.backbones.pretrained import imagenet_weight_path, sha256_of_file
 from wsolbench.methods.base import options_from
 from wsolbench.methods.dawsol.wrapper import DomainAdaptation, DomainAdaptationOptions
+from wsolbench.runfolder import RunFolder, run_record
 from wsolbench.scoremaps import postprocess_cam, save_scoremap
 from wsolbench.trainer import EpochStats, Trainer, median_ms_per_image, seed_everything
 
@@ -54,7 +57,7 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     if config.backbone not in cls.backbones:
         raise WsolbenchError(f"method {config.method!r} has no {config.backbone} variant "
                              f"(it has {', '.join(cls.backbones)})")
-    profile = cls.profiles[0] if config.profile == "auto" else config.profile
+    profile = config.profile  # resolve_config resolved "auto" before the recipe lookup (spec §4.7)
     if profile not in cls.profiles:
         raise WsolbenchError(f"method {config.method!r} has no profile {profile!r} (it has {', '.join(cls.profiles)})")
     options = options_from(cls, profile, config.method_options)
@@ -83,13 +86,66 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def data_loader(dataset: WSOLImageDataset, config: TrainConfig, device: torch.device,
+                epoch: int | None = None) -> DataLoader:
+    """The one way wsolbench batches a split: shuffled for training epoch `epoch`, in order
+    (eval batch size) when `epoch` is None."""
+    if epoch is None:
+        return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False,
+                          num_workers=config.workers, pin_memory=device.type == "cuda")
+    # The shuffle and the workers' seeds come from (seed, epoch) only, so a resumed run sees the
+    # same batches as an uninterrupted one.
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
+                      num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=False)
+
+
+@dataclass
+class RunData:
+    """The three splits of a run: their metadata and image datasets."""
+
+    train_meta: SplitMetadata
+    val_meta: SplitMetadata
+    test_meta: SplitMetadata
+    train_set: WSOLImageDataset
+    val_set: WSOLImageDataset
+    test_set: WSOLImageDataset
+
+    @property
+    def num_classes(self) -> int:
+        return max(m.num_classes for m in (self.train_meta, self.val_meta, self.test_meta))
+
+
+def open_data(config: TrainConfig) -> RunData:
+    """Read the three splits' metadata and check that their images (and masks) are there: the
+    checks before any model is built, for a run and `train --dry-run` alike."""
+    root = config.metadata_root
+    metas = [read_split(root, config.dataset, split) for split in (config.train_split, config.val_split,
+                                                                    config.test_split)]
+    for meta in metas[1:]:
+        if meta.localization == "none":
+            raise WsolbenchError(f"{meta.file('localization')}: {meta.dataset}/{meta.split} has no boxes or "
+                                 f"masks, so it cannot be evaluated")
+        if meta.localization == "masks" and not config.mask_root:
+            raise WsolbenchError(f"{meta.dataset}/{meta.split} has masks: pass --mask-root")
+        if meta.localization == "masks":
+            meta.check_mask_files(config.mask_root)
+    size = config.image_size
+    datasets = [WSOLImageDataset(metas[0], config.data_root, train_transform(size)),
+                WSOLImageDataset(metas[1], config.data_root, test_transform(size)),
+                WSOLImageDataset(metas[2], config.data_root, test_transform(size))]
+    for dataset in datasets:
+        dataset.check_images()
+    return RunData(*metas, *datasets)
+
+
 class Run:
     """The data, model and trainer of one run, and the files it writes."""
 
     def __init__(self, config: TrainConfig, log: Log = print):
         self.config = config
         self.log = log
-        self.out = Path(config.out)
+        self.folder = RunFolder(config.out)
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         if self.device.type == "cpu":
@@ -97,43 +153,25 @@ class Run:
         else:
             torch.backends.cudnn.deterministic = True  # as the DA scripts (spec §6.1)
             torch.backends.cudnn.benchmark = False
-        root = config.metadata_root
-        self.train_meta = read_split(root, config.dataset, config.train_split)
-        self.val_meta = read_split(root, config.dataset, config.val_split)
-        self.test_meta = read_split(root, config.dataset, config.test_split)
-        for meta in (self.val_meta, self.test_meta):
-            if meta.localization == "none":
-                raise WsolbenchError(f"{meta.file('localization')}: {meta.dataset}/{meta.split} has no boxes or "
-                                     f"masks, so it cannot be evaluated")
-            if meta.localization == "masks" and not config.mask_root:
-                raise WsolbenchError(f"{meta.dataset}/{meta.split} has masks: pass --mask-root")
-            if meta.localization == "masks":
-                meta.check_mask_files(config.mask_root)
-        self.num_classes = max(m.num_classes for m in (self.train_meta, self.val_meta, self.test_meta))
-        size = config.image_size
-        self.train_set = WSOLImageDataset(self.train_meta, config.data_root, train_transform(size))
-        self.val_set = WSOLImageDataset(self.val_meta, config.data_root, test_transform(size))
-        self.test_set = WSOLImageDataset(self.test_meta, config.data_root, test_transform(size))
-        for dataset in (self.train_set, self.val_set, self.test_set):
-            dataset.check_images()
+        data = open_data(config)
+        self.train_meta, self.val_meta, self.test_meta = data.train_meta, data.val_meta, data.test_meta
+        self.train_set, self.val_set, self.test_set = data.train_set, data.val_set, data.test_set
+        self.num_classes = data.num_classes
         self.model = build_model(config, self.num_classes)
         self.method = getattr(self.model, "method", self.model)  # the WSOL method, unwrapped
+        # The weights the backbone was loaded from: their sha256 is part of the run's identity.
+        self.pretrained = self.method.backbone.pretrained_info
+        self.record = run_record(config, self.pretrained.sha256 if self.pretrained is not None else None)
         self.trainer = Trainer(self.model, config, self.device)
         self.history: list[EpochStats] = []
         self.val_history: list[dict[str, Any]] = []
 
     # --- data loaders -------------------------------------------------------------------------
     def train_loader(self, epoch: int) -> DataLoader:
-        # The shuffle and the workers' seeds come from (seed, epoch) only, so a resumed run
-        # sees the same batches as an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True, generator=generator,
-                          num_workers=self.config.workers, pin_memory=self.device.type == "cuda",
-                          drop_last=False)
+        return data_loader(self.train_set, self.config, self.device, epoch)
 
     def eval_loader(self, dataset: WSOLImageDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.config.eval_batch_size, shuffle=False,
-                          num_workers=self.config.workers, pin_memory=self.device.type == "cuda")
+        return data_loader(dataset, self.config, self.device)
 
     # --- scoring ------------------------------------------------------------------------------
     def score(self, dataset: WSOLImageDataset, save_to: Path | None = None,
@@ -174,31 +212,106 @@ class Run:
 
     # --- checkpoints ----------------------------------------------------------------------------
     @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoints" / "last.pt"
+    def identity(self) -> dict[str, Any]:
+        return self.record["identity"]
 
     def save_checkpoint(self, epoch: int) -> None:
-        state = {"epoch": epoch, "trainer": self.trainer.state_dict(),
-                 "history": [vars(s) for s in self.history], "val_history": self.val_history,
-                 "config": self.config.to_dict()}
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_with(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        self.folder.write_checkpoint({
+            "epoch": epoch, "trainer": self.trainer.state_dict(), "history": [vars(s) for s in self.history],
+            "val_history": self.val_history, "config": self.config.to_dict(), "run_id": self.record["run_id"],
+            "identity": self.identity})
 
-    def load_checkpoint(self) -> int:
-        """Restore the last checkpoint; returns the next epoch to train (0-based)."""
-        try:
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        except FileNotFoundError:
-            raise WsolbenchError(f"{self.checkpoint_path}: no checkpoint to resume from") from None
-        saved = state["config"]
-        for key in ("dataset", "method", "uda", "backbone", "epochs", "batch_size", "lr", "seed", "image_size"):
-            if saved.get(key) != getattr(self.config, key):
-                raise WsolbenchError(f"{self.checkpoint_path}: saved with {key}={saved.get(key)!r}, this run has "
-                                     f"{key}={getattr(self.config, key)!r}; resume with the same settings")
+    def restore(self, state: dict[str, Any]) -> int:
+        """Restore a checkpoint from `resume_state`; returns the next epoch to train (0-based)."""
         self.trainer.load_state_dict(state["trainer"])
         self.history = [EpochStats(**s) for s in state["history"]]
         self.val_history = state["val_history"]
         return state["epoch"] + 1
+
+
+def check_folder_can_start(folder: RunFolder, resume: bool) -> None:
+    """Refuse a folder that is not this run's to write: an existing one without --resume, a completed one."""
+    if not resume and not folder.is_empty():
+        raise WsolbenchError(f"{folder.path}: the run folder exists and is not empty (pass --resume to continue it, "
+                             f"or choose another --out)")
+    if resume and folder.is_complete():
+        raise WsolbenchError(f"{folder.path}: this run already completed")
+
+
+def resume_state(folder: RunFolder, identity: dict[str, Any], map_location: Any) -> dict[str, Any] | None:
+    """The checkpoint a --resume continues from, once it is known to be of this run's identity; None
+    to start at epoch 0. A run killed before its first checkpoint left only config.json: its
+    identity is checked there, so a resume never takes over another run's folder."""
+    if folder.checkpoint.exists():
+        state = folder.read_checkpoint(map_location)
+        _refuse_another_identity(state.get("identity"), identity, folder.checkpoint)
+        return state
+    if folder.config.exists():
+        _refuse_another_identity(folder.read_config().get("identity"), identity, folder.config)
+    return None
+
+
+def _refuse_another_identity(saved: Any, identity: dict[str, Any], where: Path) -> None:
+    if not isinstance(saved, dict):
+        raise WsolbenchError(f"{where}: holds no run identity (written by an older wsolbench), so a resume "
+                             f"cannot be checked against it; start a new run with another --out")
+    change = identity_change(saved, identity)
+    if change:
+        raise WsolbenchError(f"{where}: {change}; resume with the same settings")
+
+
+def check_method(config: TrainConfig) -> None:
+    """What build_model checks of the method, its backbone, profile and options, without building it."""
+    cls = method_class(config.method)
+    if config.backbone not in cls.backbones:
+        raise WsolbenchError(f"method {config.method!r} has no {config.backbone} variant "
+                             f"(it has {', '.join(cls.backbones)})")
+    if config.profile not in cls.profiles:
+        raise WsolbenchError(f"method {config.method!r} has no profile {config.profile!r} "
+                             f"(it has {', '.join(cls.profiles)})")
+    options_from(cls, config.profile, config.method_options)
+
+
+def pretrained_weight_file(config: TrainConfig) -> Path | None:
+    """The weight file `config.pretrained` names, where the backbone will load it from; None for "none"."""
+    if config.pretrained == "none":
+        return None
+    if config.pretrained != "imagenet":
+        path = Path(config.pretrained)
+        if not path.is_file():
+            raise InputError(path, "pretrained weight file not found")
+        return path
+    from torchvision.models import get_model_weights
+
+    try:
+        url = get_model_weights(config.backbone).IMAGENET1K_V1.url
+    except (ValueError, AttributeError):
+        raise WsolbenchError(f"--pretrained imagenet: torchvision has no ImageNet weights for "
+                             f"{config.backbone}; pass --pretrained PATH or none") from None
+    # The backbones use torchvision's weights of the same name; imagenet_weight_path reads only
+    # their URL, so the model need not be built to find the file.
+    path = imagenet_weight_path(SimpleNamespace(imagenet_weight_url=url))
+    if not path.is_file():
+        raise WsolbenchError(f"ImageNet weights for {config.backbone} not found: expected {path.name} in "
+                             f"{path.parent} (torchvision's cache, torch.hub.get_dir()/checkpoints); wsolbench "
+                             f"never downloads, so place the file there or pass --pretrained PATH")
+    return path
+
+
+def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """The checks `train_and_evaluate` makes before training (run folder, device, data, method,
+    pretrained weights, and for --resume the folder's identity), without building a model or
+    writing anything. Returns the run record a real run writes into config.json."""
+    folder = RunFolder(config.out)
+    check_folder_can_start(folder, resume)
+    resolve_device(config.device)
+    open_data(config)
+    check_method(config)
+    weights = pretrained_weight_file(config)
+    record = run_record(config, sha256_of_file(weights) if weights is not None else None)
+    if resume:
+        resume_state(folder, record["identity"], map_location="cpu")
+    return record
 
 
 def figures_of(result: BoxResult | MaskResult) -> dict[str, Any]:
@@ -215,21 +328,19 @@ def figures_of(result: BoxResult | MaskResult) -> dict[str, Any]:
 def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = print,
                        progress_factory: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
     """Train a model as `config` says, score the test split, and write the run folder."""
-    out = Path(config.out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise WsolbenchError(f"{out}: the run folder exists and is not empty (pass --resume to continue it, "
-                             f"or choose another --out)")
+    folder = RunFolder(config.out)
+    check_folder_can_start(folder, resume)
     run = Run(config, log)
-    first_epoch = run.load_checkpoint() if resume and run.checkpoint_path.exists() else 0
-    if resume and first_epoch == 0 and (out / "metrics.json").exists():
-        raise WsolbenchError(f"{out}: this run already completed")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "config.json", {"config": config.to_dict(), "environment": environment(run.device),
-                                            "num_classes": run.num_classes, "profile": run.method.profile,
-                                            "method_options": vars(run.method.options),
-                                            "model": type(run.model).__name__})
-    log(f"run {out}: {config.method}{'' if config.uda == 'none' else '+' + config.uda} on {config.dataset}, "
-        f"{config.backbone}, {len(run.train_set)} train images, device {run.device}, recipe: {config.recipe}")
+    state = resume_state(folder, run.identity, run.device) if resume else None
+    first_epoch = run.restore(state) if state is not None else 0
+    # Every check has passed: only now is anything in the folder written.
+    folder.write_config({**run.record, "environment": environment(run.device), "num_classes": run.num_classes,
+                         "profile": run.method.profile, "method_options": vars(run.method.options),
+                         "model": type(run.model).__name__,
+                         "pretrained": run.pretrained.to_record() if run.pretrained is not None else None})
+    log(f"run {folder.path} ({run.record['run_id']}): {config.method}{'' if config.uda == 'none' else '+' + config.uda} "
+        f"on {config.dataset}, {config.backbone}, {len(run.train_set)} train images, device {run.device}, "
+        f"recipe: {config.recipe}")
     if first_epoch:
         log(f"resuming at epoch {first_epoch + 1}/{config.epochs}")
 
@@ -252,12 +363,12 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
             run.val_history.append({"epoch": epoch + 1, **figures})
             line += "  val " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
         run.save_checkpoint(epoch)
-        atomic.write_json(out / "history.json", {"train": [s.to_dict() for s in run.history], "val": run.val_history})
+        folder.write_history([s.to_dict() for s in run.history], run.val_history)
         log(line)
 
     # The test split, scored as the references do: the last checkpoint, thresholds optimised on it.
     bar = progress_factory(f"test {config.test_split}", len(run.test_set)) if progress_factory else None
-    maps_root = out / "scoremaps" / config.test_split
+    maps_root = folder.scoremaps(config.test_split)
     with atomic.directory(maps_root, replace=True) as tmp_maps:
         result, predictions, test_ms = run.score(run.test_set, save_to=tmp_maps if config.save_scoremaps else None,
                                                  progress=bar.update if bar is not None else None)
@@ -266,12 +377,11 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
         figures = figures_of(result)
     if not config.save_scoremaps:
         maps_root.rmdir()
-    atomic.write_text(out / "predictions" / f"{config.test_split}.csv",
-                      "image_id,class\n" + "".join(f"{i},{predictions[i]}\n" for i in run.test_meta.image_ids))
-    atomic.write_json(out / "curves.json", result.curves())
+    folder.write_predictions(config.test_split, predictions, run.test_meta.image_ids)
+    folder.write_curves(result.curves())
     model = run.model
     metrics: dict[str, Any] = {
-        "dataset": config.dataset, "split": config.test_split, "method": config.method, "uda": config.uda,
+        "run_id": run.record["run_id"], "dataset": config.dataset, "split": config.test_split, "method": config.method, "uda": config.uda,
         "backbone": config.backbone, "profile": run.method.profile, "seed": config.seed,
         "checkpoint": "last", "cam_curve_interval": config.cam_curve_interval,
         **figures,
@@ -281,9 +391,9 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
                   "empty_mmd_batches": getattr(model, "empty_domain_batches", None),
                   "note": "val_selected_epoch is the epoch with the best val localization (WE's 'best'); the "
                           "headline figures are the last checkpoint's, as in both references"},
-        "config": config.to_dict(), "environment": environment(run.device), "num_classes": run.num_classes,
+        **run.record, "environment": environment(run.device), "num_classes": run.num_classes,
     }
-    atomic.write_json(out / "metrics.json", metrics)
+    folder.write_metrics(metrics)
     log("test " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float)) +
         f"  (train {metrics['train_ms_per_image']:.1f} ms/img, test {test_ms:.1f} ms/img)")
     return metrics

@@ -63,7 +63,8 @@ class StepOutput:
 class ClassifierHead(nn.Module):
     """The classifier on the GAP feature, in the two reference profiles (spec §3.1-3.3).
 
-    DA: a 1x1 conv with bias (xavier weight, zero bias) applied to the GAP vector.
+    DA: a 1x1 conv with bias (xavier weight, zero bias) applied to the GAP vector; on VGG16 it
+        starts all-zero, as DA24's VGG DA-WSOL ("contant" init; spec §3.2 decision).
     WE: ResNet/VGG a Linear layer (N(0, 0.01), zero bias); Inception a 1x1 conv (SPG_A4, xavier)
         applied to F before the GAP - the same linear map, so it is computed on the GAP vector too.
     The CAM of class y is the head applied at every position of F; the bias, the 1/C factor of
@@ -81,7 +82,10 @@ class ClassifierHead(nn.Module):
             nn.init.normal_(self.fc.weight, 0.0, 0.01)
         else:
             self.fc = nn.Conv2d(in_channels, num_classes, kernel_size=1)
-            nn.init.xavier_uniform_(self.fc.weight)
+            if profile == "DA" and family == "vgg":
+                nn.init.zeros_(self.fc.weight)  # spec §3.2 decision: DA24's zero-initialised classifier
+            else:
+                nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
     @property
@@ -121,8 +125,9 @@ class WSOLMethod(nn.Module):
 
     name: ClassVar[str] = ""
     backbone_variant: ClassVar[str] = "cam"
-    # Backbones the spec gives this method (spec §3-4); resnet18 is wsolbench's quick CPU stand-in.
-    backbones: ClassVar[tuple[str, ...]] = ("resnet50", "vgg16", "inception_v3", "resnet18")
+    # Backbones the spec gives this method (spec §3-4); resnet18 is wsolbench's quick CPU stand-in
+    # and resnet10_half the embedded default's backbone (neither is in the spec).
+    backbones: ClassVar[tuple[str, ...]] = ("resnet50", "vgg16", "inception_v3", "resnet18", "resnet10_half")
     profiles: ClassVar[tuple[str, ...]] = PROFILES
 
     @dataclass

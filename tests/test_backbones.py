@@ -77,7 +77,7 @@ def resnet18_file(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
 # --- registry --------------------------------------------------------------------------------
 
 def test_registry_lists_every_family():
-    assert available_backbones() == ("inception_v3", "resnet18", "resnet50", "vgg16")
+    assert available_backbones() == ("inception_v3", "resnet10_half", "resnet18", "resnet50", "vgg16")
 
 
 def test_unknown_backbone_or_variant_is_a_one_line_error():
@@ -378,7 +378,8 @@ class ShapeRecorder(nn.Module):
     ("vgg16", True, {"pool3": (256, 8), "conv4_3": (512, 8), "conv5_3": (512, 8)}),
     ("vgg16", False, {"pool3": (256, 8), "conv4_3": (512, 8), "conv5_3": (512, 4)}),
     ("inception_v3", True, {"Mixed_5d": (288, 8), "Mixed_6e": (768, 8), "SPG_A3_2b": (1024, 8)}),
-    ("inception_v3", False, {"Mixed_5d": (288, 4), "Mixed_6e": (768, 4), "SPG_A3_2b": (1024, 4)}),
+    # Spec §4.5: the Mixed_5d point is before the optional pool that follows it.
+    ("inception_v3", False, {"Mixed_5d": (288, 8), "Mixed_6e": (768, 4), "SPG_A3_2b": (1024, 4)}),
 ])
 def test_inserted_modules_see_their_insert_points(name, large_feature_map, expected):
     recorders = {point: ShapeRecorder() for point in expected}
@@ -447,7 +448,8 @@ def test_resnet_lr_groups():
 def test_vgg_lr_groups():
     cam = build_on_meta("vgg16", variant="cam")
     assert {name for name, m in multipliers(cam, "WE").items() if m == 10.0} == {"conv6.weight", "conv6.bias"}
-    assert set(multipliers(cam, "DA").values()) == {1.0}
+    # Spec §3.2 decision: profile DA follows DA24, conv6 at x10 as well.
+    assert {name for name, m in multipliers(cam, "DA").items() if m == 10.0} == {"conv6.weight", "conv6.bias"}
     spg = multipliers(build_on_meta("vgg16", variant="spg"), "WE")
     assert spg["features.14.weight"] == 1.0  # conv3_3
     assert spg["features.17.weight"] == 10.0 and spg["features.28.bias"] == 10.0  # re-homed (§3.2)

@@ -392,7 +392,7 @@ def test_domain_adaptation_wraps_the_method_on_its_section_5_8_feature_map(cls, 
     channels = HIDDEN_CHANNELS if cls is ACoL else method.backbone.out_channels
     assert out.features.shape == (2, channels, 4, 4)
     assert out.source_features.shape == (2, channels)
-    assert out.logs["valid"] > 0 and out.logs["L_d"] != 0.0 and out.logs["L_u"] > 0.0
+    assert out.logs["valid_share"] > 0 and out.logs["L_d"] != 0.0 and out.logs["L_u"] > 0.0
     assert torch.isfinite(out.loss)
 
 

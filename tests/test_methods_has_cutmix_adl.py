@@ -290,7 +290,7 @@ def test_option_defaults_are_the_code_defaults_of_each_profile(cls, da_defaults,
     assert vars(options_from(cls, "WE", {})) == we_defaults
     first = next(iter(da_defaults))
     assert getattr(options_from(cls, "WE", {first: da_defaults[first]}), first) == da_defaults[first]  # explicit wins
-    assert cls.backbones == ("resnet50", "vgg16", "inception_v3", "resnet18") and cls.profiles == ("DA", "WE")
+    assert cls.backbones == ("resnet50", "vgg16", "inception_v3", "resnet18", "resnet10_half") and cls.profiles == ("DA", "WE")
 
 
 @pytest.mark.parametrize("cls, values", [
@@ -337,7 +337,7 @@ def test_a_da_wsol_training_step_and_prediction(cls, option_values, targets, uda
     out.loss.backward()
     assert len(out.domain_targets) == targets
     assert torch.isfinite(out.loss) and math.isfinite(out.logs["L_d"]) and math.isfinite(out.logs["L_u"])
-    assert out.logs["valid"] > 0  # the assigner found samples, so L_d really entered the loss
+    assert out.logs["valid_share"] > 0  # the assigner found samples, so L_d really entered the loss
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
     with torch.no_grad():
@@ -350,3 +350,26 @@ def test_has_grid_is_given_for_224_px_crops_and_scales_with_the_crop():
     assert scaled_grid_size(111, 224) == 111  # the protocol's size: exactly the spec's g
     assert scaled_grid_size(111, 64) == 32  # 111 * 64 / 224 = 31.7
     assert scaled_grid_size(4, 64) == 1 and scaled_grid_size(0, 64) == 0
+
+
+@pytest.mark.parametrize("uda", ["mmd", "dann"])
+def test_da_wsol_logs_its_terms_the_cluster_sizes_and_the_background_anchor(uda):
+    """history.json gets what DA-WSOL did per batch (L_c, the weighted terms, the valid share, the TSA's
+    cluster sizes, |M0|), and the logged terms add up to the loss that was optimised."""
+    method = tiny_method(HaS, grid_size=4, drop_rate=0.0)
+    model = DomainAdaptation(method, DomainAdaptationOptions(uda=uda, lambda1=0.7, lambda2=1.9,
+                                                             source_samples=4, target_samples=4)).train()
+    images = distinct_images(4, 3, 64, 64) - 1.5
+    labels = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(0)
+    out = model.training_step(images, labels, DA_ACTIVE)
+    logs = out.logs
+    assert logs["lambda1_L_d"] == pytest.approx(0.7 * logs["L_d"]) and logs["lambda2_L_u"] == pytest.approx(1.9 * logs["L_u"])
+    assert float(out.loss.detach()) == pytest.approx(logs["L_c"] + logs["lambda1_L_d"] + logs["lambda2_L_u"], rel=1e-5)
+    pixels = out.features.shape[2] * out.features.shape[3]  # every pixel is in exactly one cluster
+    assert logs["universum_pixels"] + logs["fake_target_pixels"] + logs["real_target_pixels"] == pytest.approx(pixels)
+    assert 0.0 <= logs["valid_share"] <= 1.0
+    assert logs["background_anchor_norm"] == pytest.approx(float(model.assigner.universum_anchor.norm()))
+    assert logs["background_anchor_norm"] > 0.0  # M0 moved off its zero initialisation
+    warm_up = model.training_step(images, labels, TrainingProgress(epoch=0))  # start_epoch 0: inactive
+    assert set(warm_up.logs) == {"L_c"}

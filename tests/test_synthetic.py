@@ -12,7 +12,8 @@ from PIL import Image
 
 from wsolbench.datasets import synthetic
 
-SMALL = dict(num_classes=3, train_per_class=3, val_per_class=4, test_per_class=3)
+SMALL = dict(num_classes=3, train_per_class=3, val_per_class=4, test_per_class=3,
+             source_classes=4, source_train_per_class=2, source_val_per_class=1)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -46,9 +47,11 @@ def test_same_seed_gives_byte_identical_trees_and_another_seed_differs(
 def test_changing_a_split_count_leaves_the_other_images_unchanged(tmp_path: Path) -> None:
     """Streams keyed by (seed, split, class, index): more train images reshuffle nothing."""
     fewer = synthetic.generate(tmp_path / "fewer", seed=3, num_classes=2, train_per_class=1,
-                               val_per_class=1, test_per_class=1)
+                               val_per_class=1, test_per_class=1, source_classes=2, source_train_per_class=1,
+                               source_val_per_class=1)
     more = synthetic.generate(tmp_path / "more", seed=3, num_classes=2, train_per_class=2,
-                              val_per_class=1, test_per_class=1)
+                              val_per_class=1, test_per_class=1, source_classes=2, source_train_per_class=2,
+                              source_val_per_class=1)
     fewer_tree, more_tree = _tree_digest(fewer.out_dir), _tree_digest(more.out_dir)
     for name, digest in fewer_tree.items():
         if name.startswith(("images/", "masks/")):
@@ -238,7 +241,7 @@ def test_an_error_mid_way_leaves_no_output_folder(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
 
     def fail_after_five(done: int, total: int) -> None:
-        assert total == 3 * (3 + 4 + 3)
+        assert total == 3 * (3 + 4 + 3) + 4 * (2 + 1)
         if done == 5:
             raise RuntimeError("interrupted")
 
@@ -252,7 +255,7 @@ def test_an_existing_folder_is_kept_unless_replace_is_given(tmp_path: Path) -> N
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")
-    tiny = dict(num_classes=2, train_per_class=1, val_per_class=1, test_per_class=1)
+    tiny = dict(num_classes=2, train_per_class=1, val_per_class=1, test_per_class=1, source_classes=0)
     with pytest.raises(FileExistsError):
         synthetic.generate(out_dir, **tiny)
     assert (out_dir / "keep.txt").read_text() == "mine"
@@ -263,16 +266,46 @@ def test_an_existing_folder_is_kept_unless_replace_is_given(tmp_path: Path) -> N
 
 def test_progress_reports_every_image_up_to_the_total(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
-    tiny = dict(num_classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
+    tiny = dict(num_classes=2, train_per_class=2, val_per_class=1, test_per_class=1, source_classes=0)
     synthetic.generate(tmp_path / "out", progress=lambda done, total: calls.append((done, total)),
                        **tiny)
     assert calls == [(done, 8) for done in range(1, 9)]
 
 
 @pytest.mark.parametrize("bad", [dict(num_classes=1), dict(val_per_class=0),
-                                 dict(num_classes=101), dict(seed=-1)])
+                                 dict(num_classes=101), dict(seed=-1), dict(source_classes=1),
+                                 dict(source_train_per_class=0)])
 def test_impossible_counts_are_rejected_before_anything_is_written(tmp_path: Path,
                                                                   bad: dict) -> None:
     with pytest.raises(ValueError):
         synthetic.generate(tmp_path / "out", **bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_source_task_is_classification_only_with_its_own_metadata(
+        small_dataset: synthetic.SyntheticSummary) -> None:
+    """SyntheticSource: train and val, every image labelled, no boxes or masks (the ImageNet role)."""
+    from wsolbench.datasets.metadata import read_split
+    for split, folder in synthetic.SOURCE_SPLITS.items():
+        meta = read_split(small_dataset.metadata_root, synthetic.SOURCE_DATASET, folder)
+        assert meta.localization == "none"
+        assert len(meta) == small_dataset.images[split] == SMALL["source_classes"] * SMALL[f"{split}_per_class"]
+        assert sorted(set(meta.class_labels.values())) == list(range(SMALL["source_classes"]))
+        assert all(image_id.startswith(f"{split}/") for image_id in meta.image_ids)
+        assert all((small_dataset.image_root / image_id).is_file() for image_id in meta.image_ids)
+    assert not (small_dataset.mask_root / "source_train").exists()
+
+
+def test_source_classes_are_disjoint_from_the_wsol_classes() -> None:
+    """No source class part has the colour, pattern and place of a WSOL class part."""
+    wsol = synthetic.class_parts(10)
+    source = synthetic.class_parts(20, source=True)
+    wsol_looks = {(round(p.hue, 6), p.second_colour) for p in wsol}
+    assert not wsol_looks & {(round(p.hue, 6), p.second_colour) for p in source}
+    assert min(abs(s.hue - w.hue) for s in source for w in wsol) >= 0.02  # hues half a step apart
+    # Every source image of class k carries source part k: rendering a source split uses them.
+    for k in (0, 3, 4, 7):  # stripes, solid, ring, quadrants: at least half the part is its main colour
+        sample = synthetic.render_sample(0, "source_train", k, 0, num_classes=20)
+        pixels = sample.image[sample.part_masks[0]].astype(float)
+        near_main = np.abs(pixels - np.array(source[k].main_colour)).sum(axis=1) < 30
+        assert near_main.mean() > 0.4, k

@@ -15,6 +15,7 @@ from wsolbench.datasets.metadata import read_split
 from wsolbench.experiment import build_model, train_and_evaluate
 from wsolbench.methods.backbones import build_backbone
 from wsolbench.methods.base import ClassifierHead
+from wsolbench.runfolder import RunFolder
 from wsolbench.scoremaps import load_scoremap
 from wsolbench.trainer import lr_factor
 
@@ -22,7 +23,8 @@ from wsolbench.trainer import lr_factor
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    synthetic.generate(root, seed=3, num_classes=3, train_per_class=8, val_per_class=3, test_per_class=3)
+    synthetic.generate(root, seed=3, num_classes=3, train_per_class=8, val_per_class=3, test_per_class=3,
+                       source_classes=0)
     return root
 
 
@@ -30,7 +32,7 @@ def tiny_config(data: Path, out: Path, **overrides):
     values = dict(dataset="SyntheticBoxes", data_root=str(data / "images"), metadata_root=str(data / "metadata"),
                   mask_root=str(data / "masks"), image_size=64, epochs=2, batch_size=8, eval_batch_size=16,
                   workers=0, eval_frequency=1, lr=0.01, device="cpu", seed=1, out=str(out),
-                  source_samples=4, target_samples=4, start_epoch=0)
+                  source_samples=4, target_samples=4, start_epoch=0, pretrained="none")
     values.update(overrides)
     return resolve_config(values)
 
@@ -125,8 +127,48 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tiny_dataset, t
     for key in FIGURES:
         assert resumed[key] == whole[key], key
     if uda == "mmd":
-        history = json.loads((tmp_path / "whole" / "history.json").read_text())["train"]
-        assert "L_d" not in history[0] and history[1]["valid"] > 0  # warm-up epoch, then DA-WSOL
+        history = RunFolder(tmp_path / "whole").read_history()["train"]
+        assert "L_d" not in history[0] and history[1]["valid_share"] > 0  # warm-up epoch, then DA-WSOL
+
+
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder`, with its bytes and modification time."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_other_settings_is_refused_naming_each_and_leaves_the_folder_untouched(tiny_dataset,
+                                                                                             tmp_path):
+    out = tmp_path / "killed"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(tiny_config(tiny_dataset, out, uda="mmd", lambda1=0.3), log=kill_after_first_epoch)
+    before = folder_state(out)
+    changed = tiny_config(tiny_dataset, out, uda="mmd", lambda1=0.5, lr=0.02)
+    with pytest.raises(WsolbenchError) as refused:
+        train_and_evaluate(changed, resume=True, log=lambda _: None)
+    assert str(refused.value) == (f"{out / 'checkpoints' / 'last.pt'}: saved with lambda1=0.3, lr=0.01, this run "
+                                  f"has lambda1=0.5, lr=0.02; resume with the same settings")
+    assert folder_state(out) == before
+    # Runtime settings are no part of the identity: the same run resumes with another eval batch size.
+    resumed = train_and_evaluate(tiny_config(tiny_dataset, out, uda="mmd", lambda1=0.3, eval_batch_size=5),
+                                 resume=True, log=lambda _: None)
+    assert resumed["run_id"] == RunFolder(out).read_config()["run_id"]
+
+
+def kill_at_start(line: str) -> None:
+    if line.startswith("run "):
+        raise Interrupt
+
+
+def test_a_resume_into_another_runs_folder_without_a_checkpoint_is_refused(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):  # killed in its first epoch: config.json only
+        train_and_evaluate(tiny_config(tiny_dataset, out, seed=2), log=kill_at_start)
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    before = folder_state(out)
+    with pytest.raises(WsolbenchError, match=rf"^{out / 'config.json'}: saved with seed=2, this run has seed=1; "):
+        train_and_evaluate(tiny_config(tiny_dataset, out, seed=1), resume=True, log=lambda _: None)
+    assert folder_state(out) == before
 
 
 def test_same_seed_same_metrics(tiny_dataset, tmp_path):

@@ -94,7 +94,7 @@ class WsolInceptionV3(Backbone):
             self.tap_names = ("SPG_A1", "SPG_A2")
             self.tap_channels = {"SPG_A1": 288, "SPG_A2": 768}
         if variant == "adl":
-            # Spec §4.5: after Mixed_5d (here: after its optional pool, like the SPG tap),
+            # Spec §4.5: after Mixed_5d (before its optional pool; the SPG tap is after it),
             # after Mixed_6e, after SPG_A3_2b + ReLU.
             self.insert_points = ("Mixed_5d", "Mixed_6e", "SPG_A3_2b")
             self.insert_hosts = {point: point for point in self.insert_points}
@@ -111,8 +111,8 @@ class WsolInceptionV3(Backbone):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = self.maxpool2(x)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self._after("Mixed_5d", self.pool_after_5d(x))
-        taps = {"SPG_A1": x}
+        x = self.pool_after_5d(self._after("Mixed_5d", x))  # spec §4.5: ADL_5d precedes the pool
+        taps = {"SPG_A1": x}  # spec §4.4: B1 taps after the pool
         x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))
         taps["SPG_A2"] = x
         x = self._after("Mixed_6e", self.Mixed_6e(x))

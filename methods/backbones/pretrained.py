@@ -93,6 +93,9 @@ def load_pretrained(backbone: Backbone, pretrained: str | os.PathLike) -> None:
         backbone.pretrained_info = None
         return
     if isinstance(pretrained, str) and pretrained == "imagenet":
+        if not backbone.imagenet_weight_url:
+            raise WsolbenchError(f"{backbone.name} has no ImageNet weights (it is wsolbench's own backbone): "
+                                 f"pretrain it with `wsolbench pretrain` and pass --pretrained PATH, or --pretrained none")
         path, source = imagenet_weight_path(backbone), "imagenet"
         if not path.is_file():
             raise WsolbenchError(

@@ -6,6 +6,9 @@ every variant; "spg" adds taps, "adl" adds insert points. Module names are torch
 IMAGENET1K_V1 files load unchanged (stride changes do not alter shapes).
 
 resnet18 (BasicBlock, C = 512) is not in the spec: it is a small stand-in for quick CPU runs.
+resnet10_half (BasicBlock [1, 1, 1, 1] at half width, C = 256) is not in the spec either: the
+backbone of the embedded default, small enough to pretrain and fine-tune on two CPU cores with
+16×16 feature maps (wsolbench's own weights only; there is no ImageNet file for it).
 """
 from __future__ import annotations
 
@@ -51,28 +54,30 @@ class WsolResNet(Backbone):
         depths: tuple[int, int, int, int],
         imagenet_weight_url: str,
         variant: str,
+        width: int = 64,
         large_feature_map: bool,
         insert: Mapping[str, nn.Module] | None,
     ):
         super().__init__(name=name, variant=variant, large_feature_map=large_feature_map)
         self.imagenet_weight_url = imagenet_weight_url
         expansion = block.expansion
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        w = width  # torchvision's 64; the stages double it: w, 2w, 4w, 8w
+        self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = _make_stage(block, 64, 64, depths[0], stride=1)
-        self.layer2 = _make_stage(block, 64 * expansion, 128, depths[1], stride=2)
-        self.layer3 = _make_stage(block, 128 * expansion, 256, depths[2],
+        self.layer1 = _make_stage(block, w, w, depths[0], stride=1)
+        self.layer2 = _make_stage(block, w * expansion, 2 * w, depths[1], stride=2)
+        self.layer3 = _make_stage(block, 2 * w * expansion, 4 * w, depths[2],
                                   stride=1 if large_feature_map else 2)
-        self.layer4 = _make_stage(block, 256 * expansion, 512, depths[3], stride=1)
-        self.out_channels = 512 * expansion
+        self.layer4 = _make_stage(block, 4 * w * expansion, 8 * w, depths[3], stride=1)
+        self.out_channels = 8 * w * expansion
 
         if variant == "spg":
             # Spec §4.4: the reference splits layer3 into SPG_A1 (block 0) and SPG_A2 (the rest);
             # here layer3 stays whole and the two outputs are taps.
             self.tap_names = ("SPG_A1", "SPG_A2")
-            self.tap_channels = {"SPG_A1": 256 * expansion, "SPG_A2": 256 * expansion}
+            self.tap_channels = {"SPG_A1": 4 * w * expansion, "SPG_A2": 4 * w * expansion}
         if variant == "adl":
             # Spec §4.5: after layer3 block 0, after layer4 block 0, after the end of layer4.
             self.insert_points = ("layer3_block0", "layer4_block0", "layer4_end")
@@ -120,3 +125,12 @@ def resnet18(*, variant: str, large_feature_map: bool, insert: Mapping[str, nn.M
     return WsolResNet(name="resnet18", block=BasicBlock, depths=(2, 2, 2, 2),
                       imagenet_weight_url=ResNet18_Weights.IMAGENET1K_V1.url,
                       variant=variant, large_feature_map=large_feature_map, insert=insert)
+
+
+@register_backbone
+def resnet10_half(*, variant: str, large_feature_map: bool, insert: Mapping[str, nn.Module] | None) -> WsolResNet:
+    """ResNet10 (BasicBlock [1, 1, 1, 1]) at half width, C = 256; not in the spec: the embedded
+    default's backbone, pretrained by `wsolbench pretrain` on the generated source task."""
+    return WsolResNet(name="resnet10_half", block=BasicBlock, depths=(1, 1, 1, 1),
+                      imagenet_weight_url="", variant=variant, large_feature_map=large_feature_map,
+                      insert=insert, width=32)

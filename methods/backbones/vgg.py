@@ -127,8 +127,9 @@ class WsolVgg16(Backbone):
 
     def _trunk_lr_multiplier(self, param_name: str, profile: str) -> float:
         if profile == "DA":
-            # Spec §3.1 profile DA: the whole extractor at ×1 (DA24's VGG is informative only).
-            return 1.0
+            # Spec §3.2 decision: profile DA on VGG16 follows DA24 as a whole: everything
+            # outside `features.` (conv6 included) at ×10, like its zero-initialised classifier.
+            return 1.0 if param_name.startswith("features.") else 10.0
         if param_name.startswith("features."):
             index = param_name.split(".")[1]  # a layer index, or an insert point's name
             if self.variant == "spg" and index.isdigit() and int(index) >= _FIRST_CONV4_INDEX:

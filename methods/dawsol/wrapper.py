@@ -74,6 +74,8 @@ class DomainAdaptation(nn.Module):
 
     def training_step(self, images: Tensor, labels: Tensor, progress: TrainingProgress) -> StepOutput:
         out = self.method.training_step(images, labels, progress)
+        # What DA-WSOL does, per batch, for history.json: a user who sees it hurt can see why.
+        out.logs["L_c"] = float(out.loss.detach())  # the method's own loss, before L_d and L_u
         if not self.active(progress):  # warm-up: the first epoch(s) train with the method's loss only
             return out
         if out.features is None or out.source_features is None:
@@ -82,9 +84,13 @@ class DomainAdaptation(nn.Module):
         domain_total = out.loss.new_zeros(())
         universum_total = out.loss.new_zeros(())
         valid = 0
+        cluster_pixels = [0.0, 0.0, 0.0]
         for target in out.domain_targets:
             samples = self.assigner.assign(out.features, out.source_features, target.labels)
             valid += samples.valid_count
+            if samples.subset_sizes is not None:
+                for cluster, size in enumerate(samples.subset_sizes.double().mean(dim=0).tolist()):
+                    cluster_pixels[cluster] += size / len(out.domain_targets)
             if samples.valid_count == 0:
                 self.empty_domain_batches += 1
             if samples.universum.shape[0] == 0 and options.assigner:
@@ -94,8 +100,18 @@ class DomainAdaptation(nn.Module):
             if options.universum_loss:
                 universum_total = universum_total + target.weight * universum_loss(samples.universum)
         out.loss = out.loss + options.lambda1 * domain_total + options.lambda2 * universum_total
-        out.logs.update({"L_d": float(domain_total.detach()), "L_u": float(universum_total.detach()),
-                         "valid": valid})
+        out.logs.update({
+            "L_d": float(domain_total.detach()), "L_u": float(universum_total.detach()),
+            # The weighted terms as they enter the loss, beside L_c (spec §5.7).
+            "lambda1_L_d": options.lambda1 * float(domain_total.detach()),
+            "lambda2_L_u": options.lambda2 * float(universum_total.detach()),
+            # Share of (image, labelling) pairs valid for L_d (spec §5.3 step 6).
+            "valid_share": valid / (images.shape[0] * len(out.domain_targets)),
+            # Mean pixels per image in the TSA's three clusters (spec §5.3 step 5), and |M0|.
+            "universum_pixels": cluster_pixels[0], "fake_target_pixels": cluster_pixels[1],
+            "real_target_pixels": cluster_pixels[2],
+            "background_anchor_norm": float(self.assigner.universum_anchor.norm()),
+        })
         return out
 
     def _domain_loss(self, source: Tensor, target: Tensor, progress: TrainingProgress) -> Tensor:

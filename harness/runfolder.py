@@ -1,0 +1,165 @@
+"""The run folder: its layout, its file names, and the one way to write and read them.
+
+    folder = RunFolder("runs/cub-cam-mmd")
+    folder.write_config(record)              # training writes through it
+    metrics = folder.read_metrics()          # quickstart, the benchmarks (and collect) read through it
+
+A run folder (`wsolbench train --out`) holds:
+  config.json              the run record (see `run_record`), environment and model, written when
+                           the run starts
+  checkpoints/last.pt      the latest epoch: weights, optimizer, DA-WSOL state, history, identity
+                           (for --resume)
+  history.json             per epoch: LR, loss, train accuracy and ms/image, val metrics at the cadence
+  metrics.json             the final figures and the run record (written last: its presence means
+                           the run completed)
+  curves.json              the test split's per-threshold curves
+  scoremaps/<split>/       the test split's score maps, <image_id>.npy, for `wsolbench evaluate`
+  predictions/<split>.csv  image_id,class predictions, for `wsolbench evaluate --predictions`
+Every file is written atomically (wsolbench.atomic). Metric keys are snake_case, as
+experiment.figures_of names them, in history.json and metrics.json alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from wsolbench import atomic
+from wsolbench.config import TrainConfig, run_id, run_identity
+from wsolbench.errors import InputError, WsolbenchError
+
+
+class RunFolder:
+    """The files of one run folder, by role."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.path / "curves.json"
+
+    def scoremaps(self, split: str) -> Path:
+        return self.path / "scoremaps" / split
+
+    def predictions(self, split: str) -> Path:
+        return self.path / "predictions" / f"{split}.csv"
+
+    def is_empty(self) -> bool:
+        """True when the folder does not exist or holds nothing."""
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    def is_complete(self) -> bool:
+        return self.metrics.is_file()
+
+    # --- writing ------------------------------------------------------------------------------
+    def write_config(self, record: Mapping[str, Any]) -> None:
+        atomic.write_json(self.config, record)
+
+    def write_history(self, train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]]) -> None:
+        atomic.write_json(self.history, {"train": list(train), "val": list(val)})
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        atomic.write_json(self.metrics, metrics)
+
+    def write_curves(self, curves: Mapping[str, Any]) -> None:
+        atomic.write_json(self.curves, curves)
+
+    def write_predictions(self, split: str, predictions: Mapping[str, int], image_ids: Sequence[str]) -> None:
+        """image_id,class lines in the split's image order, as `wsolbench evaluate --predictions` reads them."""
+        atomic.write_text(self.predictions(split),
+                          "image_id,class\n" + "".join(f"{i},{predictions[i]}\n" for i in image_ids))
+
+    def write_checkpoint(self, state: Mapping[str, Any]) -> None:
+        import torch
+
+        atomic.write_with(self.checkpoint, lambda tmp: torch.save(dict(state), tmp))
+
+    # --- reading ------------------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        return _read_json_object(self.config)
+
+    def read_history(self) -> dict[str, Any]:
+        return _read_json_object(self.history)
+
+    def read_metrics(self) -> dict[str, Any]:
+        return _read_json_object(self.metrics)
+
+    def read_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
+        import torch
+
+        try:
+            # Not weights_only: the state holds plain Python (history, identity) beside the
+            # tensors, and wsolbench wrote the file itself.
+            state = torch.load(self.checkpoint, map_location=map_location, weights_only=False)
+        except FileNotFoundError:
+            raise WsolbenchError(f"{self.checkpoint}: no checkpoint to resume from") from None
+        except Exception as error:  # zip, pickle and I/O errors all mean a damaged file
+            message = " ".join(str(error).split())[:200]
+            raise InputError(self.checkpoint, f"not a readable checkpoint ({type(error).__name__}: {message}); "
+                                              f"it may be incomplete") from None
+        if not isinstance(state, dict):
+            raise InputError(self.checkpoint, f"not a wsolbench checkpoint (holds a {type(state).__name__})")
+        return state
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "does not exist") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise InputError(path, f"not valid JSON ({error.msg}, column {error.colno})", error.lineno) from None
+    if not isinstance(value, dict):
+        raise InputError(path, f"expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
+# ---- the run record ------------------------------------------------------------------------------
+
+def source_version() -> dict[str, Any] | None:
+    """{"commit", "dirty"} of the git checkout wsolbench runs from; None when it is not one (an
+    installed wheel) or git is missing. Dirty counts changes to tracked files only, as `git
+    describe --dirty` does: run folders and data kept inside a checkout are not code."""
+    source = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(),
+            "dirty": None if status.returncode != 0 else bool(status.stdout.strip())}
+
+
+def run_record(config: TrainConfig, pretrained_sha256: str | None) -> dict[str, Any]:
+    """What identifies and reproduces a run, as config.json and metrics.json hold it (and
+    `train --dry-run` prints it): run_id, identity, the resolved config, the sha256 of the
+    pretrained weights, the command line and the code's git commit."""
+    identity = run_identity(config, pretrained_sha256)
+    return {"run_id": run_id(identity), "identity": identity, "config": config.to_dict(),
+            "pretrained_sha256": pretrained_sha256, "command": list(sys.argv), "code": source_version()}
