@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -29,11 +28,11 @@ from wsolbench import __version__, atomic
 from wsolbench.config import TrainConfig, identity_change
 from wsolbench.datasets.images import WSOLImageDataset, test_transform, train_transform
 from wsolbench.datasets.metadata import SplitMetadata, read_split
-from wsolbench.errors import InputError, WsolbenchError
+from wsolbench.errors import WsolbenchError
 from wsolbench.evaluator import BoxResult, MaskResult, SplitEvaluator
 from wsolbench.methods import method_class
 from wsolbench.methods.backbones import build_backbone
-from wsolbench.methods.backbones.pretrained import imagenet_weight_path, sha256_of_file
+from wsolbench.methods.backbones.pretrained import sha256_of_file, weight_file
 from wsolbench.methods.base import options_from
 from wsolbench.methods.dawsol.wrapper import DomainAdaptation, DomainAdaptationOptions
 from wsolbench.runfolder import RunFolder, run_record
@@ -273,29 +272,16 @@ def check_method(config: TrainConfig) -> None:
 
 
 def pretrained_weight_file(config: TrainConfig) -> Path | None:
-    """The weight file `config.pretrained` names, where the backbone will load it from; None for "none"."""
-    if config.pretrained == "none":
-        return None
-    if config.pretrained != "imagenet":
-        path = Path(config.pretrained)
-        if not path.is_file():
-            raise InputError(path, "pretrained weight file not found")
-        return path
-    from torchvision.models import get_model_weights
+    """The weight file `config.pretrained` names, where the backbone will load it from; None for "none".
 
-    try:
-        url = get_model_weights(config.backbone).IMAGENET1K_V1.url
-    except (ValueError, AttributeError):
-        raise WsolbenchError(f"--pretrained imagenet: torchvision has no ImageNet weights for "
-                             f"{config.backbone}; pass --pretrained PATH or none") from None
-    # The backbones use torchvision's weights of the same name; imagenet_weight_path reads only
-    # their URL, so the model need not be built to find the file.
-    path = imagenet_weight_path(SimpleNamespace(imagenet_weight_url=url))
-    if not path.is_file():
-        raise WsolbenchError(f"ImageNet weights for {config.backbone} not found: expected {path.name} in "
-                             f"{path.parent} (torchvision's cache, torch.hub.get_dir()/checkpoints); wsolbench "
-                             f"never downloads, so place the file there or pass --pretrained PATH")
-    return path
+    The backbone is built on the meta device (no memory, no initialisation cost) only to ask it,
+    through the same lookup `load_pretrained` uses, where its weights live."""
+    cls = method_class(config.method)
+    with torch.device("meta"):
+        backbone = build_backbone(config.backbone, variant=cls.backbone_variant,
+                                  large_feature_map=config.large_feature_map, pretrained="none")
+    located = weight_file(backbone, config.pretrained)
+    return None if located is None else located[0]
 
 
 def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:

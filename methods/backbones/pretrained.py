@@ -87,27 +87,36 @@ def read_state_dict(path: Path) -> dict[str, object]:
     return dict(state)
 
 
-def load_pretrained(backbone: Backbone, pretrained: str | os.PathLike) -> None:
-    """Load "none" / "imagenet" / a state-dict path into the trunk; set `pretrained_info`."""
+def weight_file(backbone: Backbone, pretrained: str | os.PathLike) -> tuple[Path, str] | None:
+    """(path, source) of the file `pretrained` names for this backbone, checked to exist; None for
+    "none". "imagenet" is torchvision's cached IMAGENET1K_V1 file, never downloaded."""
     if isinstance(pretrained, str) and pretrained == "none":
-        backbone.pretrained_info = None
-        return
+        return None
     if isinstance(pretrained, str) and pretrained == "imagenet":
         if not backbone.imagenet_weight_url:
             raise WsolbenchError(f"{backbone.name} has no ImageNet weights (it is wsolbench's own backbone): "
                                  f"pretrain it with `wsolbench pretrain` and pass --pretrained PATH, or --pretrained none")
-        path, source = imagenet_weight_path(backbone), "imagenet"
+        path = imagenet_weight_path(backbone)
         if not path.is_file():
             raise WsolbenchError(
                 f"ImageNet weights for {backbone.name} not found: expected {path.name} in "
                 f"{path.parent} (torchvision's cache, torch.hub.get_dir()/checkpoints); wsolbench "
                 f"never downloads, so place the file there or pass --pretrained PATH"
             )
-    else:
-        path, source = Path(pretrained), "file"
-        if not path.is_file():
-            raise InputError(path, "pretrained weight file not found")
+        return path, "imagenet"
+    path = Path(pretrained)
+    if not path.is_file():
+        raise InputError(path, "pretrained weight file not found")
+    return path, "file"
 
+
+def load_pretrained(backbone: Backbone, pretrained: str | os.PathLike) -> None:
+    """Load "none" / "imagenet" / a state-dict path into the trunk; set `pretrained_info`."""
+    located = weight_file(backbone, pretrained)
+    if located is None:
+        backbone.pretrained_info = None
+        return
+    path, source = located
     sha256 = sha256_of_file(path)
     if source == "imagenet":
         # The cached file's name carries the start of its sha256: a truncated or corrupt
