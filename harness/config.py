@@ -440,11 +440,16 @@ RUNTIME_FIELDS = ("data_root", "metadata_root", "mask_root", "out", "device", "w
 # the sha256 of the file it names instead (spec §3.1 asks for the hash of the weights used), so
 # "imagenet" and the same file given by its path are one identity.
 IDENTIFIED_BY_CONTENT = {"pretrained": "pretrained_sha256"}
+# DA-WSOL's settings change nothing without DA-WSOL: a baseline (uda none) leaves them out of its
+# identity, so the same CAM run is one run_id whatever lambda a params file carries beside it.
+DA_WSOL_FIELDS = ("lambda1", "lambda2", "start_epoch", "assigner_mode", "source_samples", "target_samples",
+                  "use_domain_loss", "use_universum_loss", "use_assigner")
 
 
 def run_identity(config: TrainConfig, pretrained_sha256: str | None) -> dict[str, Any]:
     """The values that make a run what it is; `pretrained_sha256` is None when nothing is pretrained."""
-    identity = {name: getattr(config, name) for name in IDENTITY_FIELDS}
+    identity = {name: getattr(config, name) for name in IDENTITY_FIELDS
+                if not (config.uda == "none" and name in DA_WSOL_FIELDS)}
     identity["method_options"] = dict(config.method_options)
     identity["pretrained_sha256"] = pretrained_sha256
     return identity

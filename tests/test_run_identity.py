@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from wsolbench.config import (IDENTIFIED_BY_CONTENT, IDENTITY_FIELDS, RUNTIME_FIELDS, TrainConfig, identity_change,
+from wsolbench.config import (DA_WSOL_FIELDS, IDENTIFIED_BY_CONTENT, IDENTITY_FIELDS, RUNTIME_FIELDS, TrainConfig, identity_change,
                               resolve_config, run_id, run_identity)
 
 
@@ -33,9 +33,17 @@ def other_value(value):
 
 @pytest.mark.parametrize("name", IDENTITY_FIELDS)
 def test_changing_an_identity_field_changes_the_run_id(name):
-    base = config()
+    base = config(uda="mmd")  # with DA-WSOL on, its settings are identity too
     changed = dataclasses.replace(base, **{name: other_value(getattr(base, name))})
     assert run_id(run_identity(changed, None)) != run_id(run_identity(base, None))
+
+
+@pytest.mark.parametrize("name", DA_WSOL_FIELDS)
+def test_a_baseline_without_da_wsol_ignores_da_wsol_settings(name):
+    base = config(uda="none")
+    changed = dataclasses.replace(base, **{name: other_value(getattr(base, name))})
+    assert run_id(run_identity(changed, None)) == run_id(run_identity(base, None))
+    assert name not in run_identity(base, None)
 
 
 @pytest.mark.parametrize("name", RUNTIME_FIELDS)
@@ -65,7 +73,7 @@ def test_an_int_and_the_float_it_stands_for_are_one_identity():
 
 
 def test_identity_change_names_every_differing_field_with_both_values():
-    saved = run_identity(config(), None)
+    saved = run_identity(config(uda="mmd"), None)
     current = {**saved, "lambda1": 0.5, "lr": 0.0123}
     assert identity_change(saved, current) == (f"saved with lambda1={saved['lambda1']!r}, lr={saved['lr']!r}, "
                                                f"this run has lambda1=0.5, lr=0.0123")
