@@ -415,6 +415,126 @@ def format_runs(rows: list[dict]) -> str:
                      for line in lines)
 
 
+def _add_collect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "collect", help="collect run folders (and Optuna trials) into the DuckDB store",
+        description="Walk each RUN_ROOT for run folders (a folder with config.json) and write their run records, "
+                    "final metrics, per-epoch history and timings into one DuckDB file, with the paper's published "
+                    "figures beside them. Collecting again adds nothing; a changed run replaces its rows. "
+                    "Partial (no metrics.json) and corrupt folders are named on stderr and skipped.")
+    p.add_argument("run_roots", nargs="+", type=Path, metavar="RUN_ROOT", help="folder of run folders, or a run folder")
+    p.add_argument("--store", type=Path, default=Path("results/wsolbench.duckdb"),
+                   help="the DuckDB file (default results/wsolbench.duckdb; created if absent)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="also collect every study's trials: an Optuna storage URL (sqlite:///tune.db) or a "
+                        "journal file path")
+    p.set_defaults(run=_run_collect)
+
+
+def _run_collect(args: argparse.Namespace) -> int:
+    from wsolbench.store import collect
+
+    summary = collect(args.run_roots, args.store, optuna_storage=args.optuna_storage)
+    print(summary.line())
+    return 0
+
+
+def _add_runs(subparsers) -> None:
+    p = subparsers.add_parser(
+        "runs", help="the store's comparison: mean ± std over seeds per setting, the paper's figure beside it",
+        description="Print, per setting (runs that differ by seed only) and metric of the test split, the seed "
+                    "count, the mean and sample std over seeds, and the paper's figure with its table where the "
+                    "paper has one (never for the embedded default's generated data). Timings are shown with "
+                    "their ratio to the same device's CAM baseline, as spec §7 compares them.")
+    p.add_argument("--store", type=Path, default=Path("results/wsolbench.duckdb"),
+                   help="the DuckDB file (default results/wsolbench.duckdb)")
+    p.add_argument("--dataset", help="only this dataset")
+    p.add_argument("--method", help="only this method")
+    p.add_argument("--uda", help="only this domain adaption loss (none, mmd, dann)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="print the rows as CSV")
+    output.add_argument("--json", action="store_true", help="print the rows as one JSON array")
+    p.set_defaults(run=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from wsolbench.store import comparison_csv, comparison_rows, format_comparison
+
+    rows = comparison_rows(args.store, dataset=args.dataset, method=args.method, uda=args.uda)
+    if args.json:
+        print(json.dumps(rows))
+    elif args.csv:
+        sys.stdout.write(comparison_csv(rows))
+    else:
+        print(format_comparison(rows))
+    return 0
+
+
+def _add_tune(subparsers) -> None:
+    # Defaults live in wsolbench.tune.TuneSettings (not imported here: it loads optuna and torch);
+    # an option left out is None and keeps the default there.
+    p = subparsers.add_parser(
+        "tune", help="tune DA-WSOL's lambda1/lambda2 on the val split with Optuna (each trial a run folder)",
+        description="Search lambda1 and lambda2 (log-uniform, seeded TPE, median pruning once DA-WSOL has "
+                    "trained) for the training config given by the flags of `wsolbench train`, maximising the "
+                    "last epoch's val MaxBoxAccV2 (boxes) or PxAP (masks); the test split is never read. Each "
+                    "trial trains into <study-dir>/trials/<run_id>. Several processes on one storage share the "
+                    "study; a killed worker's trial is failed and retried, resuming its folder. Writes "
+                    "<study-dir>/best.json and prints the trial table.")
+    p.add_argument("--study-dir", type=Path, required=True,
+                   help="folder of the trial run folders, best.json and (by default) the study's storage")
+    p.add_argument("--storage", metavar="URL|journal:PATH",
+                   help="an Optuna RDB URL (any SQLAlchemy URL; default sqlite:///<study-dir>/study.db, for one "
+                        "worker), or the journal file storage for parallel workers: journal:PATH, a PATH ending "
+                        "in .log or .jsonl, or 'journal' for <study-dir>/study.log")
+    p.add_argument("--study-name", help="default lambda-<dataset>-<method>-<uda>")
+    p.add_argument("--n-trials", type=int,
+                   help="stop once the study holds this many finished (COMPLETE or PRUNED) trials, over every "
+                        "invocation and worker")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after SECONDS")
+    p.add_argument("--lambda1-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="log-uniform range of lambda1 (default 0.03 3)")
+    p.add_argument("--lambda2-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="log-uniform range of lambda2 (default 0.1 10)")
+    p.add_argument("--sampler-seed", type=int, help="TPE seed; the k-th worker to join the study uses seed + k "
+                                                    "(default 0)")
+    p.add_argument("--prune", action=argparse.BooleanOptionalAction,
+                   help="median pruning at val epochs after DA-WSOL's start epoch (default on)")
+    p.add_argument("--prune-startup-trials", type=int, help="finished trials before any pruning (default 5)")
+    p.add_argument("--heartbeat-interval", type=int, metavar="SECONDS",
+                   help="how often a running trial says it is alive (default 30)")
+    p.add_argument("--stale-after", type=int, metavar="SECONDS",
+                   help="a running trial silent this long is failed and retried (default 120)")
+    p.add_argument("--max-retry", type=int, help="retries of a trial whose worker died (default 3)")
+    p.add_argument("--config", type=Path, help="TOML file of config values, as for train (flags override it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from wsolbench.tune import TuneSettings, format_trials, tune
+
+    for flag, name in (("--out", "out"), ("--lambda1", "lambda1"), ("--lambda2", "lambda2")):
+        if getattr(args, name) is not None:
+            raise WsolbenchError(f"{flag}: tune sets it per trial (trial folders live under --study-dir; the "
+                                 f"lambdas are searched in --lambda1-range / --lambda2-range)")
+    args.out = str(args.study_dir / "trials")  # a placeholder: each trial gets <study-dir>/trials/<run_id>
+    config = config_from_args(args)
+    given = {name: getattr(args, name) for name in (
+        "n_trials", "timeout", "study_name", "storage", "lambda1_range", "lambda2_range", "sampler_seed", "prune",
+        "prune_startup_trials", "heartbeat_interval", "stale_after", "max_retry") if getattr(args, name) is not None}
+    for name in ("lambda1_range", "lambda2_range"):
+        if name in given:
+            given[name] = tuple(given[name])
+    settings = TuneSettings(study_dir=args.study_dir, **given)
+    record = tune(config, settings, log=lambda line: print(line, flush=True),
+                  progress_factory=None if args.quiet else _Bar)
+    print()
+    print(format_trials(record))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsolbench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"wsolbench {__version__}")
@@ -424,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(subparsers)
     _add_train(subparsers)
     _add_quickstart(subparsers)
+    _add_collect(subparsers)
+    _add_runs(subparsers)
+    _add_tune(subparsers)
     return parser
 
 

@@ -9,6 +9,10 @@ was; `dry_run` makes the same checks and writes nothing.
 
 Test metrics follow the references (spec §2.7): the last checkpoint, every threshold optimised on
 the split reported. A val-calibrated threshold is added as an extra figure, labelled as such.
+
+`fit` is the first half alone (the same config.json, checkpoints and history.json, no test split:
+its metadata and images are never opened), for tuning on val (wsolbench.tune); `on_val` sees each
+epoch's val figures once that epoch's checkpoint and history are written.
 """
 from __future__ import annotations
 
@@ -101,26 +105,29 @@ def data_loader(dataset: WSOLImageDataset, config: TrainConfig, device: torch.de
 
 @dataclass
 class RunData:
-    """The three splits of a run: their metadata and image datasets."""
+    """The three splits of a run: their metadata and image datasets (test: None when not opened)."""
 
     train_meta: SplitMetadata
     val_meta: SplitMetadata
-    test_meta: SplitMetadata
+    test_meta: SplitMetadata | None
     train_set: WSOLImageDataset
     val_set: WSOLImageDataset
-    test_set: WSOLImageDataset
+    test_set: WSOLImageDataset | None
 
     @property
     def num_classes(self) -> int:
-        return max(m.num_classes for m in (self.train_meta, self.val_meta, self.test_meta))
+        return max(m.num_classes for m in (self.train_meta, self.val_meta, self.test_meta) if m is not None)
 
 
-def open_data(config: TrainConfig) -> RunData:
-    """Read the three splits' metadata and check that their images (and masks) are there: the
-    checks before any model is built, for a run and `train --dry-run` alike."""
+def open_data(config: TrainConfig, with_test: bool = True) -> RunData:
+    """Read the splits' metadata and check that their images (and masks) are there: the checks
+    before any model is built, for a run and `train --dry-run` alike. Without `with_test` the test
+    split is not read at all (tuning on val must never see it); the class count then comes from
+    train and val."""
     root = config.metadata_root
-    metas = [read_split(root, config.dataset, split) for split in (config.train_split, config.val_split,
-                                                                    config.test_split)]
+    splits = (config.train_split, config.val_split, config.test_split) if with_test else (config.train_split,
+                                                                                          config.val_split)
+    metas = [read_split(root, config.dataset, split) for split in splits]
     for meta in metas[1:]:
         if meta.localization == "none":
             raise WsolbenchError(f"{meta.file('localization')}: {meta.dataset}/{meta.split} has no boxes or "
@@ -131,17 +138,19 @@ def open_data(config: TrainConfig) -> RunData:
             meta.check_mask_files(config.mask_root)
     size = config.image_size
     datasets = [WSOLImageDataset(metas[0], config.data_root, train_transform(size)),
-                WSOLImageDataset(metas[1], config.data_root, test_transform(size)),
-                WSOLImageDataset(metas[2], config.data_root, test_transform(size))]
+                *(WSOLImageDataset(meta, config.data_root, test_transform(size)) for meta in metas[1:])]
     for dataset in datasets:
         dataset.check_images()
+    if not with_test:
+        metas.append(None)
+        datasets.append(None)
     return RunData(*metas, *datasets)
 
 
 class Run:
     """The data, model and trainer of one run, and the files it writes."""
 
-    def __init__(self, config: TrainConfig, log: Log = print):
+    def __init__(self, config: TrainConfig, log: Log = print, with_test: bool = True):
         self.config = config
         self.log = log
         self.folder = RunFolder(config.out)
@@ -152,7 +161,7 @@ class Run:
         else:
             torch.backends.cudnn.deterministic = True  # as the DA scripts (spec §6.1)
             torch.backends.cudnn.benchmark = False
-        data = open_data(config)
+        data = open_data(config, with_test)
         self.train_meta, self.val_meta, self.test_meta = data.train_meta, data.val_meta, data.test_meta
         self.train_set, self.val_set, self.test_set = data.train_set, data.val_set, data.test_set
         self.num_classes = data.num_classes
@@ -311,12 +320,19 @@ def figures_of(result: BoxResult | MaskResult) -> dict[str, Any]:
             "maxboxacc_v2_per_iou": {str(k): float(v.max()) for k, v in result.v2_acc.items()}}
 
 
-def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = print,
-                       progress_factory: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
-    """Train a model as `config` says, score the test split, and write the run folder."""
+def fit(config: TrainConfig, resume: bool = False, log: Log = print,
+        progress_factory: Callable[[str, int], Any] | None = None,
+        on_val: Callable[[int, dict[str, Any]], None] | None = None, with_test: bool = True) -> Run:
+    """Train a model as `config` says, scoring val at the recipe's cadence, and write config.json,
+    the checkpoint and history.json every epoch; returns the trained Run (not scored on test).
+
+    `on_val(epoch, figures)` is called with the 1-based epoch number (history.json's) and its val
+    figures, after that epoch's checkpoint and history are written: an exception raised there (a
+    pruned Optuna trial) leaves a folder that `resume` continues from the next epoch. Without
+    `with_test` the test split is never opened (`open_data`)."""
     folder = RunFolder(config.out)
     check_folder_can_start(folder, resume)
-    run = Run(config, log)
+    run = Run(config, log, with_test)
     state = resume_state(folder, run.identity, run.device) if resume else None
     first_epoch = run.restore(state) if state is not None else 0
     # Every check has passed: only now is anything in the folder written.
@@ -330,7 +346,6 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
     if first_epoch:
         log(f"resuming at epoch {first_epoch + 1}/{config.epochs}")
 
-    start_epoch_da = config.start_epoch if config.uda != "none" else 0
     for epoch in range(first_epoch, config.epochs):
         lr = run.trainer.start_epoch(epoch)
         bar = progress_factory(f"epoch {epoch + 1}/{config.epochs}", len(run.train_set)) if progress_factory else None
@@ -343,6 +358,7 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
         run.history.append(stats)
         line = (f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} loss {stats.loss:.4f} "
                 f"train top-1 {stats.train_top1:.2f} ({stats.ms_per_image:.1f} ms/img)")
+        figures = None
         if (epoch + 1) % config.eval_frequency == 0 or epoch + 1 == config.epochs:
             result, _, _ = run.score(run.val_set)
             figures = figures_of(result)
@@ -351,6 +367,18 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
         run.save_checkpoint(epoch)
         folder.write_history([s.to_dict() for s in run.history], run.val_history)
         log(line)
+        if figures is not None and on_val is not None:
+            on_val(epoch + 1, figures)
+    return run
+
+
+def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = print,
+                       progress_factory: Callable[[str, int], Any] | None = None,
+                       on_val: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train a model as `config` says (`fit`), score the test split, and write the run folder."""
+    run = fit(config, resume, log, progress_factory, on_val)
+    folder = run.folder
+    start_epoch_da = config.start_epoch if config.uda != "none" else 0
 
     # The test split, scored as the references do: the last checkpoint, thresholds optimised on it.
     bar = progress_factory(f"test {config.test_split}", len(run.test_set)) if progress_factory else None
