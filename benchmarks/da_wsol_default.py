@@ -90,11 +90,11 @@ def main() -> None:
         if not active:
             continue
         print(f"| {name} | " + " | ".join(f"{statistics.mean(e[k] for e in active):.3f}" for k in DA_LOGS) + " |")
-    print("\nL_c by epoch (mean over seeds):")
+    print("\ntotal loss (L_c + lambda1 L_d + lambda2 L_u) by epoch, mean over seeds:")
     for name in names:
         epochs = len(histories[name, seeds[0]])
         line = " ".join(f"{statistics.mean(histories[name, s][e]['loss'] for s in seeds):.3f}" for e in range(epochs))
-        print(f"  {name:<32} total loss {line}")
+        print(f"  {name:<32} {line}")
 
 
 if __name__ == "__main__":
