@@ -115,6 +115,14 @@ def _add_prepare(subparsers) -> None:
                                      "SyntheticMasks) of a small synthetic WSOL dataset into --out.")
     s.add_argument("--out", type=Path, required=True, help="output folder (replaced only if --force)")
     s.add_argument("--seed", type=int, default=0)
+    # The sizes, for miniatures of the miniature (the pipeline's tests); left out, each is the embedded
+    # default's (datasets/synthetic.py: 10 classes of 60/10/20, a source task of 20 classes of 60/10).
+    for name, text in (("num-classes", "WSOL classes"), ("train-per-class", "train images per WSOL class"),
+                       ("val-per-class", "val images per WSOL class"), ("test-per-class", "test images per WSOL class"),
+                       ("source-classes", "source-task classes (0: no source task)"),
+                       ("source-train-per-class", "source-task train images per class"),
+                       ("source-val-per-class", "source-task val images per class")):
+        s.add_argument(f"--{name}", type=int, default=None, help=f"{text} (default: the embedded default's)")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(run=_run_prepare_synthetic)
@@ -144,7 +152,13 @@ def _run_prepare_synthetic(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
     try:
-        summary = synthetic.generate(args.out, seed=args.seed, replace=args.force, progress=callback)
+        sizes = {name: getattr(args, name) for name in (
+            "num_classes", "train_per_class", "val_per_class", "test_per_class", "source_classes",
+            "source_train_per_class", "source_val_per_class") if getattr(args, name) is not None}
+        try:
+            summary = synthetic.generate(args.out, seed=args.seed, replace=args.force, progress=callback, **sizes)
+        except ValueError as error:  # a size or seed out of range, said in flag terms
+            raise WsolbenchError(f"prepare synthetic: {str(error).replace('_', '-')}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -182,6 +196,9 @@ class _Bar:
         self.bar.close()
 
 
+CONFIG_HELP = ("config values (flags override them): a TOML file, a YAML file, or a section of one "
+               "(FILE.yaml:KEY.PATH, e.g. params.yaml:config, the pipeline's); keys are the flags' names with "
+               "underscores, a YAML null leaves a key unset")
 # The help of each config field's train flag; the flags themselves come from TrainConfig's fields,
 # so every field is settable, by the same name, from a flag and from a --config TOML file.
 _FIELD_HELP = {
@@ -276,13 +293,19 @@ def _add_train(subparsers) -> None:
                     "<metadata-root>/<dataset>/{train,val,test}/, evaluate val at the recipe's cadence and the "
                     "test split at the end (last checkpoint), writing metrics.json, history.json, checkpoints "
                     "and test score maps into --out. Defaults come from the spec's recipe for the dataset and "
-                    "backbone; a --config TOML file (keys: the flags' names with underscores) and flags "
-                    "override them.")
-    p.add_argument("--config", type=Path, help="TOML file of config values (flags override it)")
+                    "backbone; a --config file (TOML, or YAML or a section of one; keys: the flags' names with "
+                    "underscores) and flags override them.")
+    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--restart-if-changed", action="store_true",
+                   help="with --resume: a folder left by a run of other settings starts over at epoch 0 instead of "
+                        "being refused (the DVC pipeline's cells, rerun because their settings changed)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, the data and the pretrained weights, print the run record "
                         "(run_id, identity, config) as one JSON object on stdout, and write nothing")
+    p.add_argument("--lambdas-from", type=Path, metavar="BEST_JSON",
+                   help="train the best lambda1/lambda2 of a `wsolbench tune` study (its best.json); the other "
+                        "settings (flags, --config) must give the study's training setting, which is checked")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(run=_run_train)
@@ -319,11 +342,20 @@ def _run_train(args: argparse.Namespace) -> int:
     from wsolbench.experiment import dry_run, train_and_evaluate
 
     config = config_from_args(args)
+    if args.lambdas_from is not None:
+        for flag, name in (("--lambda1", "lambda1"), ("--lambda2", "lambda2")):
+            if getattr(args, name) is not None:
+                raise WsolbenchError(f"{flag}: --lambdas-from {args.lambdas_from} sets it")
+        from wsolbench.tune import with_best_lambdas
+
+        config = with_best_lambdas(config, args.lambdas_from)
+    if args.restart_if_changed and not args.resume:
+        raise WsolbenchError("--restart-if-changed applies to --resume: pass both")
     if args.dry_run:
-        print(json.dumps(dry_run(config, resume=args.resume)))
+        print(json.dumps(dry_run(config, resume=args.resume, restart_if_changed=args.restart_if_changed)))
         return 0
     train_and_evaluate(config, resume=args.resume, log=lambda line: print(line, flush=True),
-                       progress_factory=None if args.quiet else _Bar)
+                       progress_factory=None if args.quiet else _Bar, restart_if_changed=args.restart_if_changed)
     return 0
 
 
@@ -337,7 +369,7 @@ def _add_pretrain(subparsers) -> None:
                     "<out>/pretrain.json. `wsolbench train --pretrained <out>/weights.pth` fine-tunes it, as the "
                     "references fine-tune ImageNet weights. Defaults: the source-task recipe; flags as for "
                     "`wsolbench train`.")
-    p.add_argument("--config", type=Path, help="TOML file of config values (flags override it)")
+    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(run=_run_pretrain, dataset="SyntheticSource", method="cam", profile="WE")
@@ -506,7 +538,7 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--stale-after", type=int, metavar="SECONDS",
                    help="a running trial silent this long is failed and retried (default 120)")
     p.add_argument("--max-retry", type=int, help="retries of a trial whose worker died (default 3)")
-    p.add_argument("--config", type=Path, help="TOML file of config values, as for train (flags override it)")
+    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP + ", as for train")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(run=_run_tune)

@@ -1,9 +1,10 @@
-"""The one config system: plain values, from the spec's recipe, a TOML file, then command-line flags.
+"""The one config system: plain values, from the spec's recipe, a config file, then command-line flags.
 
     config = resolve_config(cli_values={"dataset": "CUB", "method": "cam", ...}, config_file=None)
 
 Precedence, lowest first: the dataclass defaults; the recipe for (dataset, backbone) (spec §6.2 for
-profile DA, §6.3 for profile WE; wsolbench's own for the generated dataset); the TOML file; flags.
+profile DA, §6.3 for profile WE; wsolbench's own for the generated dataset); the config file (TOML,
+or a YAML file or a section of one, e.g. the pipeline's `params.yaml:config`); flags.
 The resolved config is printed into every run (config.json), with `recipe` naming what filled the
 defaults. Every field has a train flag (`--field-name`) and a TOML key (`field_name`), checked by
 the same rules (`field_problem`). Every field is either part of the run's identity (it changes the
@@ -353,10 +354,10 @@ def _line_of_key(text: str, key: str) -> int | None:
     return None
 
 
-def _check_file_values(values: dict[str, Any], text: str, path: Path) -> None:
+def _check_file_values(values: dict[str, Any], line_of: Callable[[str], int | None], path: Path) -> None:
     """The checks of TrainConfig.validate, key by key, naming the file and line of a bad value."""
     for key, value in values.items():
-        line = _line_of_key(text, key)
+        line = line_of(key)
         if key not in _FIELDS:
             raise InputError(path, f"unknown config key {key!r}", line)
         if key in DERIVED_FIELDS:
@@ -367,23 +368,109 @@ def _check_file_values(values: dict[str, Any], text: str, path: Path) -> None:
             raise InputError(path, f"{key} {problem}", line)
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def split_config_spec(spec: str | os.PathLike) -> tuple[Path, str | None]:
+    """`--config FILE` (TOML, or YAML by its suffix) or `--config FILE.yaml:SECTION`, SECTION a dotted
+    key path into the YAML document (`params.yaml:config`, `params.yaml:pretrain.config`)."""
+    text = os.fspath(spec)
+    head, sep, section = text.rpartition(":")
+    if sep and Path(head).suffix in YAML_SUFFIXES:
+        if not section:
+            raise WsolbenchError(f"--config {text}: name the section after the colon (FILE.yaml:KEY.PATH)")
+        return Path(head), section
+    if sep and Path(head).suffix == ".toml":
+        raise WsolbenchError(f"--config {text}: a :SECTION is read from YAML files only (a TOML file is read "
+                             f"whole)")
+    return Path(text), None
+
+
+def _read_text(path: Path, kind: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
-        values = tomllib.loads(text)
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(path, "config file does not exist") from None
     except UnicodeDecodeError:
-        raise InputError(path, "not UTF-8 text, so not a TOML file") from None
+        raise InputError(path, f"not UTF-8 text, so not a {kind} file") from None
     except OSError as error:
         raise InputError(path, f"cannot be read ({error.strerror or error})") from None
+
+
+def _plain(value: Any) -> Any:
+    """A YAML value as the plain Python a TOML file gives (ruamel's round-trip types unwrapped)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if type(value).__name__ == "ScalarBoolean" or isinstance(value, bool):
+        return bool(value)
+    for kind in (int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return value
+
+
+def _read_yaml_section(path: Path, section: str | None) -> tuple[dict[str, Any], Callable[[str], int | None]]:
+    """The mapping at `section` of a YAML file (the whole document without one) and each key's line.
+
+    Read with ruamel.yaml's round-trip loader (YAML 1.2, as DVC reads and `dvc exp run -S` writes
+    params.yaml, so `lr: 1e-3` is a number here as it is there), which keeps the line of every key.
+    A key set to null (or left empty) is not set: the recipe's value stands, as when it is absent."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    text = _read_text(path, "YAML")
+    try:
+        node = YAML(typ="rt", pure=True).load(text)
+    except MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        raise InputError(path, f"not valid YAML ({error.problem or error.context})",
+                         mark.line + 1 if mark is not None else None) from None
+    except YAMLError as error:
+        raise InputError(path, f"not valid YAML ({' '.join(str(error).split())[:200]})") from None
+
+    def line_in(mapping: Any, key: Any) -> int | None:
+        try:
+            return mapping.lc.key(key)[0] + 1
+        except (AttributeError, KeyError, TypeError):
+            return None
+
+    line = None
+    keys = section.split(".") if section else []
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise InputError(path, f"has no key {'.'.join(keys[:depth + 1])} (from --config {path}:{section})", line)
+        line = line_in(node, key)
+        node = node[key]
+    if node is None:  # `overrides:` with nothing under it
+        node = {}
+    if not isinstance(node, dict):
+        where = section or "the document"
+        raise InputError(path, f"{where} must be a mapping of config keys (field: value), found a "
+                               f"{type(_plain(node)).__name__}", line)
+    lines = {str(key): line_in(node, key) for key in node}
+    values = {str(key): _plain(value) for key, value in node.items() if value is not None}
+    return values, lines.get
+
+
+def read_config_file(spec: str | os.PathLike) -> dict[str, Any]:
+    """The config values of a `--config` file: a TOML file, a YAML file, or a section of one
+    (`FILE.yaml:KEY.PATH`, see split_config_spec), every key checked as a flag is."""
+    path, section = split_config_spec(spec)
+    if path.suffix in YAML_SUFFIXES:
+        values, line_of = _read_yaml_section(path, section)
+        _check_file_values(values, line_of, path)
+        return values
+    text = _read_text(path, "TOML")
+    try:
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         # Python 3.11's TOMLDecodeError has no lineno attribute; its message ends "(at line N, ...)".
         found = re.search(r"\(at line (\d+)", str(error))
         line = getattr(error, "lineno", None) or (int(found.group(1)) if found else None)
         raise InputError(path, f"not valid TOML ({str(error).split(' (at line')[0]})", line) from None
-    _check_file_values(values, text, path)
+    _check_file_values(values, lambda key: _line_of_key(text, key), path)
     return values
 
 

@@ -3,7 +3,8 @@
 Writes the run folder (`--out`) through wsolbench.runfolder, which owns its layout: config.json
 (the run record: run_id, identity, resolved config, command, code commit, pretrained sha256) when
 the run starts, checkpoints/last.pt and history.json every epoch, then the test split's score maps,
-predictions and curves, and metrics.json last. Nothing is written before every check has passed
+predictions and curves, and when the run completes checkpoints/final.pt (last.pt renamed: a resume
+never continues from it) and metrics.json last. Nothing is written before every check has passed
 (data, model, and for --resume the folder's identity), so a refused run leaves the folder as it
 was; `dry_run` makes the same checks and writes nothing.
 
@@ -246,17 +247,28 @@ def check_folder_can_start(folder: RunFolder, resume: bool) -> None:
         raise WsolbenchError(f"{folder.path}: this run already completed")
 
 
-def resume_state(folder: RunFolder, identity: dict[str, Any], map_location: Any) -> dict[str, Any] | None:
+def resume_state(folder: RunFolder, identity: dict[str, Any], map_location: Any,
+                 restart_if_changed: bool = False, log: Log | None = None) -> dict[str, Any] | None:
     """The checkpoint a --resume continues from, once it is known to be of this run's identity; None
     to start at epoch 0. A run killed before its first checkpoint left only config.json: its
-    identity is checked there, so a resume never takes over another run's folder."""
-    if folder.checkpoint.exists():
-        state = folder.read_checkpoint(map_location)
-        _refuse_another_identity(state.get("identity"), identity, folder.checkpoint)
-        return state
-    if folder.config.exists():
-        _refuse_another_identity(folder.read_config().get("identity"), identity, folder.config)
-    return None
+    identity is checked there, so a resume never takes over another run's folder. With
+    `restart_if_changed` a folder of another identity starts over at epoch 0 instead of being
+    refused: the pipeline's cells, which DVC reruns because their settings changed, so that the
+    checkpoint a killed earlier run left is obsolete."""
+    saved_at = folder.checkpoint if folder.checkpoint.exists() else folder.config if folder.config.exists() else None
+    if saved_at is None:
+        return None
+    state = folder.read_checkpoint(map_location) if saved_at == folder.checkpoint else None
+    saved = state.get("identity") if state is not None else folder.read_config().get("identity")
+    try:
+        _refuse_another_identity(saved, identity, saved_at)
+    except WsolbenchError as refused:
+        if not restart_if_changed:
+            raise
+        if log is not None:
+            log(f"starting over at epoch 1: {refused}")
+        return None
+    return state
 
 
 def _refuse_another_identity(saved: Any, identity: dict[str, Any], where: Path) -> None:
@@ -293,7 +305,7 @@ def pretrained_weight_file(config: TrainConfig) -> Path | None:
     return None if located is None else located[0]
 
 
-def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def dry_run(config: TrainConfig, resume: bool = False, restart_if_changed: bool = False) -> dict[str, Any]:
     """The checks `train_and_evaluate` makes before training (run folder, device, data, method,
     pretrained weights, and for --resume the folder's identity), without building a model or
     writing anything. Returns the run record a real run writes into config.json."""
@@ -305,7 +317,7 @@ def dry_run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     weights = pretrained_weight_file(config)
     record = run_record(config, sha256_of_file(weights) if weights is not None else None)
     if resume:
-        resume_state(folder, record["identity"], map_location="cpu")
+        resume_state(folder, record["identity"], map_location="cpu", restart_if_changed=restart_if_changed)
     return record
 
 
@@ -322,7 +334,8 @@ def figures_of(result: BoxResult | MaskResult) -> dict[str, Any]:
 
 def fit(config: TrainConfig, resume: bool = False, log: Log = print,
         progress_factory: Callable[[str, int], Any] | None = None,
-        on_val: Callable[[int, dict[str, Any]], None] | None = None, with_test: bool = True) -> Run:
+        on_val: Callable[[int, dict[str, Any]], None] | None = None, with_test: bool = True,
+        restart_if_changed: bool = False) -> Run:
     """Train a model as `config` says, scoring val at the recipe's cadence, and write config.json,
     the checkpoint and history.json every epoch; returns the trained Run (not scored on test).
 
@@ -333,7 +346,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Log = print,
     folder = RunFolder(config.out)
     check_folder_can_start(folder, resume)
     run = Run(config, log, with_test)
-    state = resume_state(folder, run.identity, run.device) if resume else None
+    state = resume_state(folder, run.identity, run.device, restart_if_changed, log) if resume else None
     first_epoch = run.restore(state) if state is not None else 0
     # Every check has passed: only now is anything in the folder written.
     folder.write_config({**run.record, "environment": environment(run.device), "num_classes": run.num_classes,
@@ -374,9 +387,10 @@ def fit(config: TrainConfig, resume: bool = False, log: Log = print,
 
 def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = print,
                        progress_factory: Callable[[str, int], Any] | None = None,
-                       on_val: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                       on_val: Callable[[int, dict[str, Any]], None] | None = None,
+                       restart_if_changed: bool = False) -> dict[str, Any]:
     """Train a model as `config` says (`fit`), score the test split, and write the run folder."""
-    run = fit(config, resume, log, progress_factory, on_val)
+    run = fit(config, resume, log, progress_factory, on_val, restart_if_changed=restart_if_changed)
     folder = run.folder
     start_epoch_da = config.start_epoch if config.uda != "none" else 0
 
@@ -407,6 +421,9 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
                           "headline figures are the last checkpoint's, as in both references"},
         **run.record, "environment": environment(run.device), "num_classes": run.num_classes,
     }
+    # Completed: the checkpoint is the final one, which no --resume continues from (runfolder.py), then
+    # metrics.json, whose presence says so. Killed between the two, the folder trains again from epoch 0.
+    folder.finalize_checkpoint()
     folder.write_metrics(metrics)
     log("test " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float)) +
         f"  (train {metrics['train_ms_per_image']:.1f} ms/img, test {test_ms:.1f} ms/img)")

@@ -7,9 +7,16 @@
 A run folder (`wsolbench train --out`) holds:
   config.json              the run record (see `run_record`), environment and model, written when
                            the run starts
-  checkpoints/last.pt      the latest epoch: weights, optimizer, DA-WSOL state, history, identity
-                           (for --resume)
+  checkpoints/last.pt      the latest epoch of a run in progress: weights, optimizer, DA-WSOL state,
+                           history, identity (what --resume continues from)
+  checkpoints/final.pt     the same, of a completed run: last.pt renamed when the run completes, just
+                           before metrics.json is written. A resume never continues from it, so a
+                           folder whose metrics.json was removed (DVC removes a stage's outputs
+                           before rerunning it, the checkpoints aside) trains again from epoch 0
+                           with the code of now instead of only re-scoring the old weights
   history.json             per epoch: LR, loss, train accuracy and ms/image, val metrics at the cadence
+  plots/train.json         history.json's train entries as a list of flat rows with the same keys
+  plots/val.json           and its val entries (the per-IoU figures flattened), for `dvc plots`
   metrics.json             the final figures and the run record (written last: its presence means
                            the run completed)
   curves.json              the test split's per-threshold curves
@@ -51,6 +58,14 @@ class RunFolder:
         return self.path / "checkpoints" / "last.pt"
 
     @property
+    def final_checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "final.pt"
+
+    def plots(self, phase: str) -> Path:
+        """plots/train.json or plots/val.json: a list of flat rows, as DVC's plots read them."""
+        return self.path / "plots" / f"{phase}.json"
+
+    @property
     def metrics(self) -> Path:
         return self.path / "metrics.json"
 
@@ -77,6 +92,10 @@ class RunFolder:
 
     def write_history(self, train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]]) -> None:
         atomic.write_json(self.history, {"train": list(train), "val": list(val)})
+        # DVC's plots take a list of rows whose keys agree; history.json's two lists (val at its own
+        # cadence, nested per-IoU figures, DA-WSOL logs from the epoch they start) are not that.
+        for phase, entries in (("train", train), ("val", val)):
+            atomic.write_json(self.plots(phase), plot_rows(entries))
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         atomic.write_json(self.metrics, metrics)
@@ -94,35 +113,59 @@ class RunFolder:
 
         atomic.write_with(self.checkpoint, lambda tmp: torch.save(dict(state), tmp))
 
+    def finalize_checkpoint(self) -> None:
+        """The run completed: checkpoints/last.pt becomes checkpoints/final.pt (replacing an older one)."""
+        os.replace(self.checkpoint, self.final_checkpoint)
+
     # --- reading ------------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:
-        return _read_json_object(self.config)
+        return read_json_object(self.config)
 
     def read_history(self) -> dict[str, Any]:
-        return _read_json_object(self.history)
+        return read_json_object(self.history)
 
     def read_metrics(self) -> dict[str, Any]:
-        return _read_json_object(self.metrics)
+        return read_json_object(self.metrics)
 
-    def read_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
+    def read_checkpoint(self, map_location: Any = "cpu", final: bool = False) -> dict[str, Any]:
+        """checkpoints/last.pt (a run in progress), or with `final` checkpoints/final.pt (a completed run's)."""
         import torch
 
+        path = self.final_checkpoint if final else self.checkpoint
         try:
             # Not weights_only: the state holds plain Python (history, identity) beside the
             # tensors, and wsolbench wrote the file itself.
-            state = torch.load(self.checkpoint, map_location=map_location, weights_only=False)
+            state = torch.load(path, map_location=map_location, weights_only=False)
         except FileNotFoundError:
-            raise WsolbenchError(f"{self.checkpoint}: no checkpoint to resume from") from None
+            raise WsolbenchError(f"{path}: no checkpoint to {'score' if final else 'resume from'}") from None
         except Exception as error:  # zip, pickle and I/O errors all mean a damaged file
             message = " ".join(str(error).split())[:200]
-            raise InputError(self.checkpoint, f"not a readable checkpoint ({type(error).__name__}: {message}); "
-                                              f"it may be incomplete") from None
+            raise InputError(path, f"not a readable checkpoint ({type(error).__name__}: {message}); "
+                                   f"it may be incomplete") from None
         if not isinstance(state, dict):
-            raise InputError(self.checkpoint, f"not a wsolbench checkpoint (holds a {type(state).__name__})")
+            raise InputError(path, f"not a wsolbench checkpoint (holds a {type(state).__name__})")
         return state
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def plot_rows(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows with one set of keys (a key an entry lacks is null), nested mappings flattened as
+    `<key>_iou30` etc. (the store's names for the per-IoU figures), lists left out."""
+    rows = []
+    for entry in entries:
+        row: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, Mapping):
+                suffix = "_iou" if key == "maxboxacc_v2_per_iou" else "_"
+                prefix = key.removesuffix("_per_iou")
+                row.update({f"{prefix}{suffix}{inner}": item for inner, item in value.items()})
+            elif not isinstance(value, (list, tuple)):
+                row[key] = value
+        rows.append(row)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in keys} for row in rows]
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

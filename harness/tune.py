@@ -433,6 +433,33 @@ def write_best(study: optuna.Study, spec: StorageSpec, settings: TuneSettings) -
     return record
 
 
+def with_best_lambdas(config: TrainConfig, best_path: str | os.PathLike) -> TrainConfig:
+    """`config` with the best pair of a study's best.json (`wsolbench train --lambdas-from`), once its
+    training setting is known to be the study's: the identity without the lambdas (the seed, the
+    pretrained weights' sha256 and every recipe value included) must equal the one best.json
+    records, so the run trained on the full recipe and scored on test is the setting tuned on val."""
+    from wsolbench.runfolder import read_json_object
+
+    path = Path(best_path)
+    record = read_json_object(path)
+    best = record.get("best")
+    if not isinstance(best, dict) or not all(isinstance(best.get(k), (int, float)) for k in TUNED_FIELDS):
+        raise WsolbenchError(f"{path}: no completed trial in study {record.get('study_name')!r} yet, so no best "
+                             f"lambda pair (run more trials)")
+    check_tunable(config)
+    config = dataclasses.replace(config, lambda1=float(best["lambda1"]), lambda2=float(best["lambda2"])).validate()
+    weights = pretrained_weight_file(config)
+    current = {k: v for k, v in run_identity(config, sha256_of_file(weights) if weights is not None else None).items()
+               if k not in TUNED_FIELDS}
+    saved = record.get("identity")
+    if not isinstance(saved, dict):
+        raise WsolbenchError(f"{path}: holds no training identity, so the setting cannot be checked")
+    change = identity_change(saved, current)
+    if change:
+        raise WsolbenchError(f"{path}: the study tuned another setting: {change}; train with the study's settings")
+    return config
+
+
 def tune(base: TrainConfig, settings: TuneSettings, log: Log = print,
          progress_factory: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
     """Run one worker of the study until `n_trials` trials are finished in it or `timeout` passes;

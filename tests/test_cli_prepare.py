@@ -26,6 +26,21 @@ def test_prepare_synthetic_writes_both_datasets_and_refuses_to_overwrite(tmp_pat
     assert (out / "images" / boxes.image_ids[0]).read_bytes() == before  # same seed, same bytes
 
 
+def test_prepare_synthetic_takes_the_sizes_of_a_miniature(tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    assert main(["prepare", "synthetic", "--out", str(out), "--num-classes", "2", "--train-per-class", "3",
+                 "--val-per-class", "1", "--test-per-class", "2", "--source-classes", "3",
+                 "--source-train-per-class", "2", "--source-val-per-class", "1", "--quiet"]) == 0
+    counts = {(dataset, split): len(read_split(out / "metadata", dataset, split)) for dataset, split in (
+        ("SyntheticBoxes", "train"), ("SyntheticBoxes", "val"), ("SyntheticBoxes", "test"),
+        ("SyntheticSource", "train"), ("SyntheticSource", "val"))}
+    assert list(counts.values()) == [6, 2, 4, 6, 3]
+    capsys.readouterr()
+    assert main(["prepare", "synthetic", "--out", str(tmp_path / "one"), "--num-classes", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("wsolbench: error: prepare synthetic: num-classes must be in 2..100")
+    assert not (tmp_path / "one").exists()
+
+
 def test_prepare_ilsvrc_train_lists_images_in_sorted_wnid_order(tmp_path, capsys):
     root = tmp_path / "ILSVRC"
     for wnid, names in {"n01530575": ["b.JPEG", "a.JPEG"], "n01440764": ["x.JPEG"]}.items():

@@ -133,6 +133,57 @@ def test_the_same_bad_value_in_toml_is_a_one_line_error_naming_file_line_and_key
     assert not (tmp_path / "run").exists()
 
 
+# The same values in a YAML section (`--config params.yaml:KEY.PATH`, the pipeline's way): YAML's own
+# literals where TOML's differ (.nan), the same message, naming the file and the key's line.
+YAML_BAD_VALUES = [(name, {"lr": ".nan"}.get(name, text), message) for name, text, _, message in BAD_VALUES] + [
+    ("use_domain_loss", '"no"', "must be true or false (got 'no')"), ("profile", "3", "must be a string (got 3)")]
+
+
+@pytest.mark.parametrize("name, literal, message", YAML_BAD_VALUES, ids=[case[0] for case in YAML_BAD_VALUES])
+def test_the_same_bad_value_in_a_yaml_section_is_a_one_line_error_naming_file_line_and_key(tmp_path, capsys, name,
+                                                                                            literal, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  methods: [cam]\n  overrides:\n    seed: 3\n    {name}: {literal}\n")
+    code, printed, err = train(["--dataset", "SyntheticBoxes", "--data-root", "images", "--out",
+                                str(tmp_path / "run"), "--config", f"{params}:train.overrides"], capsys)
+    assert code == 2 and printed == ""
+    assert err.count("\n") == 1 and err.startswith(f"wsolbench: error: {params}:5: {name} {message}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, spec, message", [
+    ("train:\n  methods: [cam]\n", "train.overrides", "{path}:1: has no key train.overrides"),
+    ("train:\n  overrides: [1, 2]\n", "train.overrides", "{path}:2: train.overrides must be a mapping"),
+    ("train:\n  overrides:\n    epoch: 3\n", "train.overrides", "{path}:3: unknown config key 'epoch'"),
+    ("train:\n  overrides: {epochs: [1,\n", "train.overrides", "{path}:3: not valid YAML"),
+], ids=["missing", "not-a-mapping", "unknown-key", "syntax"])
+def test_a_yaml_section_that_cannot_be_read_is_a_one_line_error(tmp_path, capsys, text, spec, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    code, _, err = train(["--dataset", "SyntheticBoxes", "--data-root", "images", "--out", str(tmp_path / "run"),
+                          "--config", f"{params}:{spec}"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"wsolbench: error: {message.format(path=params)}"), err
+
+
+def test_a_yaml_section_gives_the_run_its_toml_twin_gives(tiny_dataset, tmp_path, capsys):
+    base = tiny_args(tiny_dataset, tmp_path / "run")
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 0.005\nepochs = 2\nmethod = "has"\nuse_assigner = false\n[method_options]\ndrop_rate = 0.25\n')
+    # YAML 1.2 as DVC reads params.yaml: 5e-3 is a number; null leaves a key to the recipe and the flags.
+    params = tmp_path / "params.yaml"
+    params.write_text("config:\n  lr: 5e-3\n  epochs: 2\n  method: has\n  use_assigner: false\n"
+                      "  method_options: {drop_rate: 0.25}\n  mask_root: null\n")
+    runs = []
+    for spec in (str(toml), f"{params}:config"):
+        code, printed, err = train([*without(base, "--lr", "--epochs"), "--config", spec, "--dry-run"], capsys)
+        assert code == 0, err
+        runs.append(json.loads(printed))
+    assert runs[0]["config"] == runs[1]["config"] and runs[0]["run_id"] == runs[1]["run_id"]
+    assert runs[1]["config"]["lr"] == 0.005 and runs[1]["config"]["method_options"] == {"drop_rate": 0.25}
+    assert runs[1]["config"]["mask_root"] == str(tiny_dataset / "masks")  # the flag, not the null
+
+
 def test_the_derived_recipe_name_cannot_be_set_from_toml(tmp_path, capsys):
     toml = tmp_path / "run.toml"
     toml.write_text('recipe = "mine"\n')

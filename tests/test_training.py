@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,9 +84,10 @@ def test_lr_groups_put_the_classifier_at_ten_times():
 def test_two_epoch_training_writes_the_run_folder_and_rescoring_agrees(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     metrics = train_and_evaluate(tiny_config(tiny_dataset, out), log=lambda _: None)
-    for name in ("config.json", "history.json", "metrics.json", "curves.json", "checkpoints/last.pt",
-                 "predictions/test.csv"):
+    for name in ("config.json", "history.json", "metrics.json", "curves.json", "checkpoints/final.pt",
+                 "predictions/test.csv", "plots/train.json", "plots/val.json"):
         assert (out / name).is_file(), name
+    assert not (out / "checkpoints" / "last.pt").exists()  # a completed run's checkpoint is final.pt
     saved = json.loads((out / "metrics.json").read_text())
     for key in FIGURES:
         assert 0.0 <= saved[key] <= 100.0, key
@@ -131,6 +133,20 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tiny_dataset, t
         assert "L_d" not in history[0] and history[1]["valid_share"] > 0  # warm-up epoch, then DA-WSOL
 
 
+def test_a_completed_run_whose_metrics_were_removed_trains_again_from_the_first_epoch(tiny_dataset, tmp_path):
+    # What `dvc repro` does to a cell whose code changed: every output but the persisted checkpoints/
+    # is removed, then `train --resume` runs. final.pt is never resumed from, so the run retrains.
+    config = tiny_config(tiny_dataset, tmp_path / "run", epochs=1)
+    train_and_evaluate(config, log=lambda _: None)
+    for path in (tmp_path / "run").iterdir():
+        if path.name != "checkpoints":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    lines: list[str] = []
+    train_and_evaluate(config, resume=True, log=lines.append)
+    assert not any(line.startswith("resuming") for line in lines) and any(line.startswith("epoch 1/1") for line in lines)
+    assert RunFolder(tmp_path / "run").is_complete()
+
+
 def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under `folder`, with its bytes and modification time."""
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -153,6 +169,20 @@ def test_a_resume_with_other_settings_is_refused_naming_each_and_leaves_the_fold
     resumed = train_and_evaluate(tiny_config(tiny_dataset, out, uda="mmd", lambda1=0.3, eval_batch_size=5),
                                  resume=True, log=lambda _: None)
     assert resumed["run_id"] == RunFolder(out).read_config()["run_id"]
+
+
+def test_restart_if_changed_starts_a_folder_of_other_settings_over_instead_of_refusing_it(tiny_dataset, tmp_path):
+    # The pipeline's cells: killed, then their params changed, DVC reruns them with the new settings.
+    out = tmp_path / "killed"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(tiny_config(tiny_dataset, out, uda="mmd", lambda1=0.3), log=kill_after_first_epoch)
+    lines: list[str] = []
+    metrics = train_and_evaluate(tiny_config(tiny_dataset, out, uda="mmd", lambda1=0.5), resume=True,
+                                 restart_if_changed=True, log=lines.append)
+    assert any(line.startswith("starting over at epoch 1: ") and "lambda1=0.3" in line for line in lines), lines
+    assert not any(line.startswith("resuming") for line in lines)
+    assert metrics["identity"]["lambda1"] == 0.5
+    assert [entry["epoch"] for entry in RunFolder(out).read_history()["train"]] == [1, 2]
 
 
 def kill_at_start(line: str) -> None:

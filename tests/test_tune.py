@@ -290,3 +290,27 @@ def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(data, 
     assert history[:len(trained)] == trained and len(history) == epochs
     assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))
     assert record["best"]["trial"] == 1 and record["finished"] == 1
+
+
+def test_lambdas_from_best_json_train_the_studys_setting_and_refuse_another(data, tmp_path, capsys):
+    from wsolbench.config import run_identity
+    from wsolbench.tune import TUNED_FIELDS, with_best_lambdas
+
+    base = base_config(data)
+    best = tmp_path / "best.json"
+    identity = {k: v for k, v in run_identity(base, None).items() if k not in TUNED_FIELDS}
+    best.write_text(json.dumps({"study_name": "s", "best": {"lambda1": 0.7, "lambda2": 1.5}, "identity": identity}))
+    config = with_best_lambdas(base, best)
+    assert (config.lambda1, config.lambda2) == (0.7, 1.5) and config.lr == base.lr
+    with pytest.raises(WsolbenchError, match=r"the study tuned another setting: saved with lr=0\.01, this run has "
+                                             r"lr=0\.02; train with the study's settings"):
+        with_best_lambdas(base_config(data, lr=0.02), best)
+    best.write_text(json.dumps({"study_name": "s", "best": None, "identity": identity}))
+    with pytest.raises(WsolbenchError, match=r"no completed trial in study 's' yet"):
+        with_best_lambdas(base, best)
+    # The CLI: --lambdas-from sets the pair, so a pair given beside it is refused.
+    argv = ["train", "--lambdas-from", str(best), "--lambda1", "0.5"]
+    for name, value in train_values(data).items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+    assert "--lambda1: --lambdas-from" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""The DVC pipeline (dvc.yaml): `dvc repro` runs every stage into the store, a second one runs nothing,
+a new matrix value runs only its new cells, a killed cell resumes from its checkpoint, a rerun of a
+completed cell trains from epoch 0, and `dvc exp run -S` / `dvc exp show` work.
+
+The repository's dvc.yaml runs in a throwaway git repository with a tiny params.yaml (2 classes of a
+few images at 64 px, 2 epochs, 2 methods x 2 udas, 2 trials). The stages run the installed
+`wsolbench`; the package sources are copied beside dvc.yaml only because its stages depend on them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("dvc", reason="the pipeline tests need DVC (pip install dvc; a dependency of wsolbench)")
+duckdb = pytest.importorskip("duckdb")
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS = """\
+prepare:
+  seed: 0
+  num_classes: 2
+  train_per_class: 8
+  val_per_class: 2
+  test_per_class: 2
+  source_classes: 2
+  source_train_per_class: 4
+  source_val_per_class: 2
+pretrain:
+  config: {seed: 0, epochs: 1, image_size: 64, batch_size: 4, eval_batch_size: 4, workers: 0, device: cpu}
+config:
+  dataset: SyntheticBoxes
+  data_root: data/synthetic/images
+  metadata_root: data/synthetic/metadata
+  mask_root: data/synthetic/masks
+  backbone: resnet10_half
+  pretrained: data/pretrained/weights.pth
+  epochs: 2
+  eval_frequency: 1
+  image_size: 64
+  batch_size: 4
+  eval_batch_size: 4
+  workers: 0
+  device: cpu
+  source_samples: 4
+  target_samples: 4
+train:
+  methods: [cam, has]
+  udas: [none, mmd]
+  seeds: [0]
+tune:
+  method: cam
+  uda: mmd
+  seed: 0
+  n_trials: 2
+  lambda1_range: [0.03, 3.0]
+  lambda2_range: [0.1, 10.0]
+  sampler_seed: 0
+plots:
+  val_y: maxboxacc_v2
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's wsolbench
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    output = done.stdout + done.stderr
+    if check and done.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({done.returncode}):\n{output}")
+    return output
+
+
+def ran(output: str) -> set[str]:
+    """The stages a `dvc repro` ran, from its "Running stage 'NAME':" lines."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def store_counts(repo: Path) -> tuple[set[str], int]:
+    with duckdb.connect(str(repo / "results" / "wsolbench.duckdb"), read_only=True) as con:
+        folders = {"/".join(Path(row[0]).parts[-2:]) for row in con.execute("SELECT folder FROM runs").fetchall()}
+        trials = con.execute("SELECT count(*) FROM optuna_trials").fetchone()[0]
+    return folders, trials
+
+
+def set_methods(repo: Path, methods: str) -> None:
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("methods: [cam, has]", f"methods: [{methods}]"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline")
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "test@example.com")
+    git(repo, "config", "user.name", "test")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(ROOT / ".dvc" / name, repo / ".dvc" / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("harness", "methods"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
+    shutil.copytree(ROOT / "datasets", repo / "datasets", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    (repo / "params.yaml").write_text(TINY_PARAMS)
+    return repo
+
+
+def test_repro_runs_every_stage_into_the_store_then_nothing(repo):
+    output = dvc(repo, "repro")
+    stages = ran(output)
+    assert stages == {"prepare", "pretrain", "train@cam-none-0", "train@cam-mmd-0", "train@has-none-0",
+                      "train@has-mmd-0", "tune", "best", "collect"}, output
+    folders, trials = store_counts(repo)
+    assert folders == {"train/cam-none-0", "train/cam-mmd-0", "train/has-none-0", "train/has-mmd-0",
+                       "best/cam-mmd-0"} and trials == 2
+    best = json.loads((repo / "runs" / "tune" / "best.json").read_text())["best"]
+    record = json.loads((repo / "runs" / "best" / "cam-mmd-0" / "metrics.json").read_text())
+    assert (record["identity"]["lambda1"], record["identity"]["lambda2"]) == (best["lambda1"], best["lambda2"])
+    # A completed run keeps its weights as final.pt, never last.pt (which a resume would continue).
+    checkpoints = repo / "runs" / "train" / "cam-mmd-0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["final.pt"]
+
+    again = dvc(repo, "repro")
+    assert ran(again) == set(), again
+    assert "Data and pipelines are up to date." in dvc(repo, "status")
+
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
+    shown = next(iter(metrics.values()))["data"]  # the workspace's (named "" before a first commit)
+    assert {"runs/train/has-mmd-0/metrics.json", "runs/best/cam-mmd-0/metrics.json"} <= set(shown)
+    assert shown["runs/train/has-mmd-0/metrics.json"]["data"]["maxboxacc_v2"] >= 0
+    plots = dvc(repo, "plots", "show", "--json")
+    assert "runs/train/cam-mmd-0/plots/val.json" in plots and "error" not in plots.lower(), plots
+
+
+def test_a_new_method_runs_only_its_cells_and_a_killed_cell_resumes(repo):
+    set_methods(repo, "cam, has, adl")
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        killed = None
+        while killed is None and time.monotonic() < deadline and process.poll() is None:
+            for cell in ("adl-none-0", "adl-mmd-0"):
+                folder = repo / "runs" / "train" / cell
+                if (folder / "checkpoints" / "last.pt").exists() and not (folder / "metrics.json").exists():
+                    os.killpg(process.pid, signal.SIGKILL)  # dvc and the training under it, mid-run
+                    killed = cell
+                    break
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None and killed is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert killed is not None, "no adl cell was caught between its first epoch and its end"
+    assert not (repo / "runs" / "train" / killed / "metrics.json").exists()
+
+    output = dvc(repo, "repro")
+    stages = ran(output)
+    assert f"train@{killed}" in stages and "collect" in stages, output
+    assert stages <= {"train@adl-none-0", "train@adl-mmd-0", "collect"}, output
+    assert "resuming at epoch 2/2" in output, output
+    history = json.loads((repo / "runs" / "train" / killed / "history.json").read_text())
+    assert [entry["epoch"] for entry in history["train"]] == [1, 2]
+    folders, _ = store_counts(repo)
+    assert {"train/adl-none-0", "train/adl-mmd-0"} <= folders
+    assert ran(dvc(repo, "repro")) == set()
+
+
+def test_a_rerun_of_a_completed_cell_trains_from_the_first_epoch(repo):
+    # As after a code change: DVC removes the cell's outputs but its persisted checkpoints/ (final.pt).
+    output = dvc(repo, "repro", "--force", "--single-item", "train@cam-none-0")
+    assert ran(output) == {"train@cam-none-0"}, output
+    assert "resuming" not in output and "epoch 1/2" in output, output
+    assert (repo / "runs" / "train" / "cam-none-0" / "metrics.json").is_file()
+
+
+def test_experiments_take_params_on_the_command_line(repo):
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "the pipeline, run")  # experiments need a commit; repro does not
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    assert {"dvc.lock", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"} <= set(tracked)
+    assert not [name for name in tracked if name.startswith(("data/", "runs/", "results/"))]  # DVC's, not git's
+    # The matrix shrinks to cells that are all up to date: the experiment records the params, runs collect.
+    output = dvc(repo, "exp", "run", "-n", "baselines-only", "-S", "train.udas=[none]")
+    assert ran(output) <= {"collect"}, output
+    shown = dvc(repo, "exp", "show", "--json")
+    assert '"baselines-only"' in shown, shown
