@@ -265,10 +265,12 @@ def settable_fields() -> list[str]:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field: --field-name; booleans as --flag/--no-flag. Values are parsed and
-    checked by the config (TrainConfig.validate), as a TOML file's are."""
+    """--config and --quiet, then one flag per config field: --field-name; booleans as --flag/--no-flag.
+    Values are parsed and checked by the config (TrainConfig.validate), as a TOML file's are."""
     from wsolbench.config import FIELD_CHOICES, TrainConfig, flag_for
 
+    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     defaults = TrainConfig()
     group = p
     for name in settable_fields():
@@ -295,7 +297,6 @@ def _add_train(subparsers) -> None:
                     "and test score maps into --out. Defaults come from the spec's recipe for the dataset and "
                     "backbone; a --config file (TOML, or YAML or a section of one; keys: the flags' names with "
                     "underscores) and flags override them.")
-    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last epoch checkpoint")
     p.add_argument("--restart-if-changed", action="store_true",
                    help="with --resume: a folder left by a run of other settings starts over at epoch 0 instead of "
@@ -306,7 +307,6 @@ def _add_train(subparsers) -> None:
     p.add_argument("--lambdas-from", type=Path, metavar="BEST_JSON",
                    help="train the best lambda1/lambda2 of a `wsolbench tune` study (its best.json); the other "
                         "settings (flags, --config) must give the study's training setting, which is checked")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(run=_run_train)
 
@@ -369,8 +369,6 @@ def _add_pretrain(subparsers) -> None:
                     "<out>/pretrain.json. `wsolbench train --pretrained <out>/weights.pth` fine-tunes it, as the "
                     "references fine-tune ImageNet weights. Defaults: the source-task recipe; flags as for "
                     "`wsolbench train`.")
-    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(run=_run_pretrain, dataset="SyntheticSource", method="cam", profile="WE")
 
@@ -538,8 +536,6 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--stale-after", type=int, metavar="SECONDS",
                    help="a running trial silent this long is failed and retried (default 120)")
     p.add_argument("--max-retry", type=int, help="retries of a trial whose worker died (default 3)")
-    p.add_argument("--config", metavar="FILE[:SECTION]", help=CONFIG_HELP + ", as for train")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(run=_run_tune)
 

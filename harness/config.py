@@ -277,8 +277,9 @@ def _with_tuned(name: str, values: dict[str, Any], tuned: dict[str, Any] | None,
 # full epoch (start_epoch 0, as the CUB scripts) with the CUB weights (lambda 0.3 / 2).
 # Feature maps: 128 px with the large feature map gives 16x16 = 256 pixels per map (the paper: 28x28
 # = 784 with n = 32, so each target cluster must hold >= 4.1 % of a map to count for L_d); n = 10
-# keeps that share (3.9 %). The backbone is a half-width ResNet10 (C = 256), the largest ResNet
-# whose fine-tuning fits the minute at this size. Schedule: 6 epochs, /10 from epoch 4 on (CUB: 50,
+# keeps that share (3.9 %). The backbone is a half-width ResNet10 (C = 256): its fine-tuning fits the
+# minute at this size (42-53 s a run on 2 cores, benchmarks/RESULTS.md), where a ResNet18's step
+# costs 3-7x as much (side by side, 2026-12-02). Schedule: 6 epochs, /10 from epoch 4 on (CUB: 50,
 # /10 from 30), evaluated on val every 2 epochs (CUB: every 5).
 SYNTHETIC_DATASETS = ("SyntheticBoxes", "SyntheticMasks")
 _SYNTHETIC_RECIPE: dict[str, Any] = dict(

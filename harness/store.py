@@ -89,7 +89,7 @@ PAPER_COLUMNS = ("table", "row", "column", "method", "uda", "variant", "dataset"
 
 Warn = Callable[[str], None]
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL, written_by VARCHAR NOT NULL);
 CREATE TABLE runs (
     run_id VARCHAR PRIMARY KEY,
