@@ -10,8 +10,11 @@ classifies what is left, so it has to find the complementary object parts:
     CAM_y = max(minmax(M_A[y]), minmax(M_B[y]))              (spec §3.4; the GT label erases at test too)
 
 The method owns both heads, so the base class's ClassifierHead is removed. Under DA-WSOL
-(wsolbench extension, spec §5.8) F is branch A's 1024-channel activation after its second ReLU,
+(wsolbench extension, spec §5.8) F is branch A's hidden (1024-channel) activation after its second ReLU,
 the input of its final 1×1 conv, and z = GAP(F).
+
+The heads are 1024 wide on the spec's backbones; on a narrower ResNet (resnet18, resnet10_half) they
+keep ResNet50's ratio C/2 (`Backbone.head_width`, a wsolbench decision).
 """
 from __future__ import annotations
 
@@ -25,22 +28,26 @@ from wsolbench.methods.backbones import Backbone, initialize_weights
 from wsolbench.methods.base import DomainTarget, StepOutput, TrainingProgress, WSOLMethod, minmax_per_map
 from wsolbench.methods.registry import register_method
 
-HIDDEN_CHANNELS = 1024  # width of both ACoL heads (spec §4.3)
+HIDDEN_CHANNELS = 1024  # width of both ACoL heads on the spec's backbones (§4.3)
 
 
 class AcolBranch(nn.Module):
-    """One ACoL head: 3×3 conv C→1024 + ReLU, 3×3 conv 1024→1024 + ReLU, 1×1 conv 1024→K."""
+    """One ACoL head: 3×3 conv C→W + ReLU, 3×3 conv W→W + ReLU, 1×1 conv W→K (W = 1024, §4.3)."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, hidden_channels: int = HIDDEN_CHANNELS):
         super().__init__()
         self.hidden = nn.Sequential(
-            nn.Conv2d(in_channels, HIDDEN_CHANNELS, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(HIDDEN_CHANNELS, HIDDEN_CHANNELS, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
         )
-        self.classifier = nn.Conv2d(HIDDEN_CHANNELS, num_classes, kernel_size=1)
+        self.classifier = nn.Conv2d(hidden_channels, num_classes, kernel_size=1)
+
+    @property
+    def hidden_channels(self) -> int:
+        return self.classifier.in_channels
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(hidden activation (B, 1024, h, w), class maps (B, K, h, w))."""
+        """(hidden activation (B, W, h, w), class maps (B, K, h, w))."""
         hidden = self.hidden(features)
         return hidden, self.classifier(hidden)
 
@@ -79,8 +86,9 @@ class ACoL(WSOLMethod):
     def __init__(self, backbone: Backbone, num_classes: int, profile: str = "WE", options: Options | None = None):
         super().__init__(backbone, num_classes, profile, options)
         del self.head  # ACoL classifies with its own branch A (spec §4.3)
-        self.branch_a = AcolBranch(backbone.out_channels, num_classes)
-        self.branch_b = AcolBranch(backbone.out_channels, num_classes)
+        hidden = backbone.head_width(HIDDEN_CHANNELS)
+        self.branch_a = AcolBranch(backbone.out_channels, num_classes, hidden)
+        self.branch_b = AcolBranch(backbone.out_channels, num_classes, hidden)
         # Spec §4.3: He for ResNet-ACoL, xavier for VGG/Inception (the trunk loads over its init).
         conv_init = "he" if backbone.family == "resnet" else "xavier"
         initialize_weights(list(self.branch_a.modules()) + list(self.branch_b.modules()), conv_init=conv_init)
@@ -88,7 +96,7 @@ class ACoL(WSOLMethod):
     @property
     def feature_channels(self) -> int:
         """C of the map DA-WSOL aligns: branch A's hidden activation (spec §5.8)."""
-        return HIDDEN_CHANNELS
+        return self.branch_a.hidden_channels
 
     def _branches(self, images: Tensor, classes: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Branch A's hidden activation and class maps, branch B's maps on the erased F, and the

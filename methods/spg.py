@@ -30,7 +30,8 @@ from wsolbench.methods.registry import register_method
 IGNORED = 255  # the label of a pixel no BCE term sees (spec §4.4)
 MIN_SEED_PIXELS = 30  # below this many pixels above h, an image falls back to 0.7·max (spec §4.4)
 FALLBACK_FRACTION = 0.7
-# Width of the B-branch convs per family (spec §4.4); SPG_C's hidden width is 512 everywhere.
+# Width of the B-branch convs per family (spec §4.4); SPG_C's hidden width is 512 everywhere. On a
+# narrower ResNet than ResNet50 both keep ResNet50's ratio to the trunk (Backbone.head_width).
 B_BRANCH_CHANNELS = {"resnet": 1024, "vgg": 512, "inception": 512}
 C_BRANCH_CHANNELS = 512
 
@@ -96,15 +97,15 @@ class SPG(WSOLMethod):
     def __init__(self, backbone: Backbone, num_classes: int, profile: str = "WE", options: Options | None = None):
         super().__init__(backbone, num_classes, profile, options)
         del self.head  # SPG classifies with its own SPG_A4 (spec §4.4)
-        width = B_BRANCH_CHANNELS[backbone.family]
+        width = backbone.head_width(B_BRANCH_CHANNELS[backbone.family])
+        c_width = backbone.head_width(C_BRANCH_CHANNELS)
         channels = backbone.out_channels
         self.SPG_B_1a = nn.Sequential(*_conv3x3_relu(backbone.tap_channels["SPG_A1"], width))
         self.SPG_B_2a = nn.Sequential(*_conv3x3_relu(backbone.tap_channels["SPG_A2"], width))
         # One module used by both B branches: B1 and B2 share these weights (spec §4.4).
         self.SPG_B_shared = nn.Sequential(*_conv3x3_relu(width, width), nn.Conv2d(width, 1, kernel_size=1))
         self.SPG_A4 = nn.Conv2d(channels, num_classes, kernel_size=1)
-        self.SPG_C = nn.Sequential(*_conv3x3_relu(channels, C_BRANCH_CHANNELS),
-                                   nn.Conv2d(C_BRANCH_CHANNELS, 1, kernel_size=1))
+        self.SPG_C = nn.Sequential(*_conv3x3_relu(channels, c_width), nn.Conv2d(c_width, 1, kernel_size=1))
         # Spec §3.1/§3.3: new layers are xavier-initialized.
         heads = (self.SPG_B_1a, self.SPG_B_2a, self.SPG_B_shared, self.SPG_A4, self.SPG_C)
         initialize_weights([module for head in heads for module in head.modules()], conv_init="xavier")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from wsolbench.config import resolve_config
 from wsolbench.experiment import build_model
-from wsolbench.methods.acol import HIDDEN_CHANNELS, ACoL, class_attention, erase_attended
+from wsolbench.methods.acol import ACoL, class_attention, erase_attended
 from wsolbench.methods.backbones import build_backbone
 from wsolbench.methods.base import TrainingProgress, WSOLMethod
 from wsolbench.methods.dawsol.wrapper import DomainAdaptation, DomainAdaptationOptions
@@ -129,8 +129,8 @@ def test_acol_training_step_feeds_branch_b_the_erased_map_and_sums_both_cross_en
     logits_a, logits_b = maps_a.mean(dim=(2, 3)), maps_b.mean(dim=(2, 3))
     torch.testing.assert_close(out.logits.detach(), logits_a)
     torch.testing.assert_close(out.loss.detach(), F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels))
-    # DA-WSOL reads branch A's 1024-channel activation before its 1×1 conv (spec §5.8).
-    assert out.features.shape == (2, HIDDEN_CHANNELS, 4, 4)
+    # DA-WSOL reads branch A's hidden activation before its 1×1 conv (spec §5.8).
+    assert out.features.shape == (2, model.feature_channels, 4, 4)
     torch.testing.assert_close(out.features.detach(), hidden_a)
     torch.testing.assert_close(out.source_features.detach(), hidden_a.mean(dim=(2, 3)))
     out.loss.backward()
@@ -316,25 +316,31 @@ def test_spg_test_cam_is_the_spg_a4_map_with_bias_and_logits_its_gap():
 # ----------------------------------------------------------------------------------------------
 # Both: head shapes per family, predict, LR groups, DA-WSOL
 
-@pytest.mark.parametrize("backbone, acol_in, spg_b_in, spg_b_width, spg_c_in", [
-    ("resnet50", 2048, (1024, 1024), 1024, 2048),
-    ("resnet18", 512, (256, 256), 1024, 512),
-    ("vgg16", 512, (512, 512), 512, 512),
-    ("inception_v3", 768, (288, 768), 512, 1024),
+# The spec's backbones get the spec's widths (§4.3-4.4); a narrower ResNet keeps ResNet50's ratio of
+# head to trunk (wsolbench decision, Backbone.head_width): ACoL C/2, SPG B C/2, SPG_C C/4.
+@pytest.mark.parametrize("backbone, acol_in, acol_width, spg_b_in, spg_b_width, spg_c_in, spg_c_width", [
+    ("resnet50", 2048, 1024, (1024, 1024), 1024, 2048, 512),
+    ("resnet18", 512, 256, (256, 256), 256, 512, 128),
+    ("resnet10_half", 256, 128, (128, 128), 128, 256, 64),
+    ("vgg16", 512, 1024, (512, 512), 512, 512, 512),
+    ("inception_v3", 768, 1024, (288, 768), 512, 1024, 512),
 ])
-def test_head_shapes_per_backbone_family(backbone, acol_in, spg_b_in, spg_b_width, spg_c_in):
+def test_head_shapes_per_backbone_family(backbone, acol_in, acol_width, spg_b_in, spg_b_width, spg_c_in,
+                                         spg_c_width):
     acol = built_for_reading(ACoL, backbone)
     for branch in (acol.branch_a, acol.branch_b):
-        assert branch.hidden[0].weight.shape == (1024, acol_in, 3, 3)
-        assert branch.hidden[2].weight.shape == (1024, 1024, 3, 3)
-        assert branch.classifier.weight.shape == (NUM_CLASSES, 1024, 1, 1)
+        assert branch.hidden[0].weight.shape == (acol_width, acol_in, 3, 3)
+        assert branch.hidden[2].weight.shape == (acol_width, acol_width, 3, 3)
+        assert branch.classifier.weight.shape == (NUM_CLASSES, acol_width, 1, 1)
+    assert acol.feature_channels == acol_width  # what DA-WSOL aligns (spec §5.8)
     spg = built_for_reading(SPG, backbone)
     assert spg.SPG_B_1a[0].weight.shape == (spg_b_width, spg_b_in[0], 3, 3)
     assert spg.SPG_B_2a[0].weight.shape == (spg_b_width, spg_b_in[1], 3, 3)
     assert spg.SPG_B_shared[0].weight.shape == (spg_b_width, spg_b_width, 3, 3)
     assert spg.SPG_B_shared[2].weight.shape == (1, spg_b_width, 1, 1)
     assert spg.SPG_A4.weight.shape == (NUM_CLASSES, spg_c_in, 1, 1)
-    assert spg.SPG_C[0].weight.shape == (512, spg_c_in, 3, 3) and spg.SPG_C[2].weight.shape == (1, 512, 1, 1)
+    assert spg.SPG_C[0].weight.shape == (spg_c_width, spg_c_in, 3, 3)
+    assert spg.SPG_C[2].weight.shape == (1, spg_c_width, 1, 1)
     for model in (acol, spg):
         assert not hasattr(model, "head")  # the method's own heads classify
 
@@ -382,14 +388,14 @@ def test_lr_multipliers_follow_the_we_name_rules(method, backbone):
 def test_domain_adaptation_wraps_the_method_on_its_section_5_8_feature_map(cls, uda):
     method = build(cls, "resnet18").train()
     wrapped = DomainAdaptation(method, DomainAdaptationOptions(uda=uda, source_samples=4, target_samples=4))
-    assert wrapped.assigner.feature_dim == method.feature_channels  # ACoL's F is 1024-channel (spec §5.8)
+    assert wrapped.assigner.feature_dim == method.feature_channels  # ACoL's F: branch A's hidden (§5.8)
     images, labels = batch(size=2)
     # Step 1 sets the class anchors; step 2 has valid images, so L_d is really computed (spec §5.3).
     for batch_index in range(2):
         progress = TrainingProgress(epoch=1, batch_index=batch_index, iterations_per_epoch=2, num_epochs=3)
         out = wrapped.training_step(images, labels, progress)
         out.loss.backward()
-    channels = HIDDEN_CHANNELS if cls is ACoL else method.backbone.out_channels
+    channels = method.branch_a.hidden_channels if cls is ACoL else method.backbone.out_channels
     assert out.features.shape == (2, channels, 4, 4)
     assert out.source_features.shape == (2, channels)
     assert out.logs["valid_share"] > 0 and out.logs["L_d"] != 0.0 and out.logs["L_u"] > 0.0

@@ -45,6 +45,8 @@ class Backbone(nn.Module):
         tap_channels      channel count of each tap
         insert_points     names after which modules passed in `insert` are applied
         pretrained_info   `PretrainedInfo` of the weight file loaded, or None
+        head_width_scale  width of this trunk over the spec's trunk of its family (1.0 for the
+                          spec's backbones), which scales the ACoL/SPG heads (`head_width`)
     """
 
     family: str = ""
@@ -61,6 +63,7 @@ class Backbone(nn.Module):
         self.variant = variant
         self.large_feature_map = bool(large_feature_map)
         self.out_channels: int = 0
+        self.head_width_scale: float = 1.0
         self.tap_names: tuple[str, ...] = ()
         self.tap_channels: dict[str, int] = {}
         self.insert_points: tuple[str, ...] = ()
@@ -71,6 +74,16 @@ class Backbone(nn.Module):
         self.new_layer_prefixes: tuple[str, ...] = ()
         self.pretrained_info: PretrainedInfo | None = None  # set by load_pretrained
         self._parameter_names: frozenset[str] | None = None
+
+    def head_width(self, spec_width: int) -> int:
+        """The width of a method head the spec gives for its family's own trunk, on this trunk.
+
+        wsolbench decision (the spec sizes ACoL's and SPG's heads for ResNet50, VGG16 and
+        InceptionV3 only, §4.3–4.4): on a narrower trunk of a family (resnet18, resnet10_half) a
+        head keeps the spec's ratio to the trunk, spec_width x head_width_scale, so ACoL's heads
+        on ResNet50 are C/2 wide on every ResNet. The spec's backbones have scale 1: unchanged.
+        """
+        return max(1, round(spec_width * self.head_width_scale))
 
     # --- built by the families ------------------------------------------------------------
     def _attach_inserted(self, insert: Mapping[str, nn.Module] | None) -> None:

@@ -40,6 +40,9 @@ def _make_stage(block: ResidualBlock, in_channels: int, width: int, depth: int, 
     return nn.Sequential(*blocks)
 
 
+RESNET50_OUT_CHANNELS = 2048  # C of the spec's ResNet (§3.1)
+
+
 class WsolResNet(Backbone):
     """conv1 … layer4 of a torchvision ResNet, with the WSOL strides (spec §3.1)."""
 
@@ -72,6 +75,8 @@ class WsolResNet(Backbone):
                                   stride=1 if large_feature_map else 2)
         self.layer4 = _make_stage(block, 4 * w * expansion, 8 * w, depths[3], stride=1)
         self.out_channels = 8 * w * expansion
+        # The spec's ResNet is ResNet50 (C = 2048); ACoL/SPG heads scale with C (Backbone.head_width).
+        self.head_width_scale = self.out_channels / RESNET50_OUT_CHANNELS
 
         if variant == "spg":
             # Spec §4.4: the reference splits layer3 into SPG_A1 (block 0) and SPG_A2 (the rest);
