@@ -10,8 +10,8 @@ classifies what is left, so it has to find the complementary object parts:
     CAM_y = max(minmax(M_A[y]), minmax(M_B[y]))              (spec §3.4; the GT label erases at test too)
 
 The method owns both heads, so the base class's ClassifierHead is removed. Under DA-WSOL
-(wsolbench extension, spec §5.8) F is branch A's hidden (1024-channel) activation after its second ReLU,
-the input of its final 1×1 conv, and z = GAP(F).
+(wsolbench extension, spec §5.8) F is branch A's hidden (1024-channel) activation after its
+second ReLU, the input of its final 1×1 conv, and z = GAP(F).
 
 The heads are 1024 wide on the spec's backbones; on a narrower ResNet (resnet18, resnet10_half) they
 keep ResNet50's ratio C/2 (`Backbone.head_width`, a wsolbench decision).
