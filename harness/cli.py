@@ -108,8 +108,21 @@ def format_summary(summary: dict) -> str:
 
 
 def _add_prepare(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="generate the synthetic dataset, or write ILSVRC train metadata")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="{synthetic,ilsvrc-train}")
+    p = subparsers.add_parser("prepare", help="the pipeline's prepare stage, the synthetic dataset, or ILSVRC train "
+                                              "metadata")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{stage,synthetic,ilsvrc-train}")
+    st = kinds.add_parser("stage", help="the prepare stage of dvc.yaml: the dataset a params file's prepare section "
+                                        "names",
+                          description="prepare.dataset synthetic: generate the embedded default into prepare.out "
+                                      "(the section's other keys are the generator's seed and sizes). CUB, ILSVRC, "
+                                      "OpenImages: check every image (and mask) of every split under the local "
+                                      "folders the config section names (config.data_root, config.mask_root) and "
+                                      "write their metadata into <prepare.out>/metadata (ILSVRC train listed from "
+                                      "<data_root>/train) with <prepare.out>/prepared.json. The output folder is "
+                                      "replaced whole, or left as it was on an error.")
+    st.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file (default params.yaml)")
+    st.add_argument("--quiet", action="store_true")
+    st.set_defaults(run=_run_prepare_stage)
     s = kinds.add_parser("synthetic", help="generate the embedded default dataset (deterministic from a seed)",
                          description="Write images, masks and metadata (datasets SyntheticBoxes and "
                                      "SyntheticMasks) of a small synthetic WSOL dataset into --out.")
@@ -166,6 +179,29 @@ def _run_prepare_synthetic(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {summary.num_classes} classes, images {counts}; datasets SyntheticBoxes and "
           f"SyntheticMasks (--data-root {summary.image_root} --metadata-root {summary.metadata_root} "
           f"--mask-root {summary.mask_root}), and the source task SyntheticSource for `wsolbench pretrain`")
+    return 0
+
+
+def _run_prepare_stage(args: argparse.Namespace) -> int:
+    from wsolbench.prepare import prepare_stage
+
+    bars: dict[str, object] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+        bar = bars.get(what)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bar = bars[what] = tqdm(desc=what, unit="img", total=total, file=sys.stderr, dynamic_ncols=True)
+        bar.n = done
+        bar.refresh()
+    try:
+        summary = prepare_stage(args.params, progress=None if args.quiet else progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(summary)
     return 0
 
 
@@ -368,16 +404,72 @@ def _add_pretrain(subparsers) -> None:
                     "report val top-1, and write <out>/weights.pth (torchvision names, trunk and fc) and "
                     "<out>/pretrain.json. `wsolbench train --pretrained <out>/weights.pth` fine-tunes it, as the "
                     "references fine-tune ImageNet weights. Defaults: the source-task recipe; flags as for "
-                    "`wsolbench train`.")
+                    "`wsolbench train`. With --weights imagenet nothing is trained: torchvision's cached "
+                    "ImageNet file for --backbone is found (never downloaded), loaded once into the trunk, and "
+                    "named with its sha256 in <out>/pretrain.json, for runs with --pretrained imagenet (the "
+                    "paper settings' pretrain stage).")
+    p.add_argument("--weights", choices=("trained", "imagenet"), default="trained",
+                   help="trained: pretrain on the source task (default); imagenet: record torchvision's cached "
+                        "ImageNet weights instead")
     _add_config_flags(p)
     p.set_defaults(run=_run_pretrain, dataset="SyntheticSource", method="cam", profile="WE")
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from wsolbench.pretrain import pretrain
+    from wsolbench.pretrain import pretrain, record_imagenet
 
+    if args.weights == "imagenet" and args.data_root is None:
+        args.data_root = "(not read: nothing is trained)"  # TrainConfig requires one; the record holds none
     config = config_from_args(args)
+    if args.weights == "imagenet":
+        record_imagenet(config, log=lambda line: print(line, flush=True))
+        return 0
     pretrain(config, log=lambda line: print(line, flush=True), progress_factory=None if args.quiet else _Bar)
+    return 0
+
+
+def _add_setting(subparsers) -> None:
+    from wsolbench.settings import SETTINGS
+
+    p = subparsers.add_parser(
+        "setting", help="write params.yaml for a paper setting (CUB/ILSVRC/OpenImages x ResNet50/InceptionV3/VGG16)",
+        description="Write the params file of a paper setting (spec §6.2-6.3) for `dvc repro`: the embedded "
+                    "default's pipeline on local image folders, ImageNet weights from torchvision's cache, the "
+                    "recipes from wsolbench's recipe table. The file it replaces must be committed and "
+                    "unmodified, or one this command wrote, unless --force. `git checkout params.yaml` returns "
+                    "to the embedded default.")
+    p.add_argument("name", nargs="?", choices=list(SETTINGS), metavar="NAME",
+                   help=f"one of {', '.join(SETTINGS)}")
+    p.add_argument("--data-root", type=Path, help="the dataset's image folder (see --list)")
+    p.add_argument("--mask-root", type=Path, help="OpenImages: the folder its mask paths are relative to")
+    p.add_argument("--out", type=Path, default=Path("params.yaml"), help="the params file (default params.yaml)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it has edits of your own")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the settings and what --data-root is for each")
+    what.add_argument("--print", action="store_true", help="print the file instead of writing it")
+    p.set_defaults(run=_run_setting)
+
+
+def _run_setting(args: argparse.Namespace) -> int:
+    from wsolbench.settings import DATA_ROOT_HELP, SETTINGS, render, setting_named, write_setting
+
+    if args.list:
+        for setting in SETTINGS.values():
+            masks = " --mask-root MASKS" if setting.needs_masks else ""
+            print(f"{setting.name:24} {setting.title:24} profile {setting.profile:4}  --data-root "
+                  f"{DATA_ROOT_HELP[setting.dataset]}{masks}")
+        return 0
+    if args.name is None:
+        raise WsolbenchError("wsolbench setting: name a setting (wsolbench setting --list shows them)")
+    if args.print:
+        setting = setting_named(args.name)
+        mask_root = args.mask_root or ("MASK_ROOT" if setting.needs_masks else None)
+        print(render(setting, args.data_root or "DATA_ROOT", mask_root), end="")
+        return 0
+    if args.data_root is None:
+        raise WsolbenchError(f"wsolbench setting {args.name}: pass --data-root, the local image folder")
+    path = write_setting(args.name, args.data_root, args.mask_root, args.out, force=args.force)
+    print(f"wrote {path}: {setting_named(args.name).title}; `dvc repro` runs it")
     return 0
 
 
@@ -568,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wsolbench {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_evaluate(subparsers)
+    _add_setting(subparsers)
     _add_prepare(subparsers)
     _add_pretrain(subparsers)
     _add_train(subparsers)

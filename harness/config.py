@@ -412,7 +412,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_yaml_section(path: Path, section: str | None) -> tuple[dict[str, Any], Callable[[str], int | None]]:
+def read_yaml_section(path: Path, section: str | None) -> tuple[dict[str, Any], Callable[[str], int | None]]:
     """The mapping at `section` of a YAML file (the whole document without one) and each key's line.
 
     Read with ruamel.yaml's round-trip loader (YAML 1.2, as DVC reads and `dvc exp run -S` writes
@@ -460,7 +460,7 @@ def read_config_file(spec: str | os.PathLike) -> dict[str, Any]:
     (`FILE.yaml:KEY.PATH`, see split_config_spec), every key checked as a flag is."""
     path, section = split_config_spec(spec)
     if path.suffix in YAML_SUFFIXES:
-        values, line_of = _read_yaml_section(path, section)
+        values, line_of = read_yaml_section(path, section)
         _check_file_values(values, line_of, path)
         return values
     text = _read_text(path, "TOML")

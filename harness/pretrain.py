@@ -12,7 +12,14 @@ wsolbench; what it writes is a state dict with torchvision's names, trunk plus `
 
 Writes into `--out`, each file atomically, the weights last:
   pretrain.json   the resolved config, per-epoch loss and train/val top-1, the weights' sha256
+  weights.json    which weights the runs start from: file and sha256 (no timings, so it is the same
+                  bytes whenever the weights are: the pipeline's train stages depend on it)
   weights.pth     the state dict
+
+`--weights imagenet` (the paper settings' pretrain stage) trains nothing: it finds torchvision's
+cached ImageNet file for the backbone (never downloaded), loads it into the trunk once to prove it
+fits, and writes only weights.json naming that file and its sha256. The runs then load it with
+`pretrained: imagenet`; weights.json is what DVC sees change when the file does.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from wsolbench.methods.backbones.pretrained import sha256_of_file
 
 WEIGHTS_FILE = "weights.pth"
 RECORD_FILE = "pretrain.json"
+WEIGHTS_RECORD_FILE = "weights.json"
 
 Log = Callable[[str], None]
 
@@ -103,9 +111,31 @@ def pretrain(config: TrainConfig, log: Log = print, progress_factory: Callable[[
               "history": history, "val_top1": history[-1]["val_top1"], "sha256": sha256_of_file(staged),
               "seconds": time.perf_counter() - started, "weights": WEIGHTS_FILE}
     atomic.write_json(out / RECORD_FILE, record)
+    atomic.write_json(out / WEIGHTS_RECORD_FILE, {"weights": "trained", "backbone": config.backbone,
+                                                   "path": str(weights), "sha256": record["sha256"]})
     staged.replace(weights)  # last: weights.pth present means pretraining completed
     log(f"wrote {weights} (val top-1 {record['val_top1']:.2f}, sha256 {record['sha256'][:12]}..., "
         f"{record['seconds']:.0f} s)")
+    return record
+
+
+def record_imagenet(config: TrainConfig, log: Log = print) -> dict[str, Any]:
+    """weights.json for torchvision's cached ImageNet weights of `config.backbone` (spec §3: the
+    references fine-tune these); nothing is trained and nothing downloaded."""
+    from wsolbench.methods import method_class
+    from wsolbench.methods.backbones import build_backbone
+
+    out = Path(config.out)
+    cls = method_class(config.method)
+    # The same lookup, hash check and trunk load as a run's (methods/backbones/pretrained.py): a file
+    # missing, truncated or of another architecture fails here, before any run starts.
+    backbone = build_backbone(config.backbone, variant=cls.backbone_variant,
+                              large_feature_map=config.large_feature_map, pretrained="imagenet")
+    info = backbone.pretrained_info
+    record = {"weights": "imagenet", "backbone": config.backbone, **info.to_record()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / WEIGHTS_RECORD_FILE, record)
+    log(f"wrote {out / WEIGHTS_RECORD_FILE}: {config.backbone} ImageNet weights {info.path} (sha256 {info.sha256[:12]}...)")
     return record
 
 

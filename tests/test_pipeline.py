@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = """\
 prepare:
+  dataset: synthetic
+  out: data/synthetic
   seed: 0
   num_classes: 2
   train_per_class: 8
@@ -37,7 +39,8 @@ prepare:
   source_train_per_class: 4
   source_val_per_class: 2
 pretrain:
-  config: {seed: 0, epochs: 1, image_size: 64, batch_size: 4, eval_batch_size: 4, workers: 0, device: cpu}
+  weights: trained
+  config: {seed: 0, data_root: data/synthetic/images, metadata_root: data/synthetic/metadata, epochs: 1, image_size: 64, batch_size: 4, eval_batch_size: 4, workers: 0, device: cpu}
 config:
   dataset: SyntheticBoxes
   data_root: data/synthetic/images
@@ -123,7 +126,7 @@ def repo(tmp_path_factory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("harness", "methods"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
-    shutil.copytree(ROOT / "datasets", repo / "datasets", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copytree(ROOT / "datasets", repo / "datasets", ignore=ignore)  # data/: the prepare stage's dep
     (repo / "params.yaml").write_text(TINY_PARAMS)
     return repo
 
