@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_repo import dvc, dvc_env, git, make_pipeline_repo
 
 pytest.importorskip("dvc", reason="the pipeline tests need DVC (pip install dvc; a dependency of wsolbench)")
 duckdb = pytest.importorskip("duckdb")
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = """\
 prepare:
@@ -74,30 +73,9 @@ plots:
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's wsolbench
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def dvc(repo: Path, *args: str, check: bool = True) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), capture_output=True,
-                          text=True, timeout=600)
-    output = done.stdout + done.stderr
-    if check and done.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({done.returncode}):\n{output}")
-    return output
-
-
 def ran(output: str) -> set[str]:
     """The stages a `dvc repro` ran, from its "Running stage 'NAME':" lines."""
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
 def store_counts(repo: Path) -> tuple[set[str], int]:
@@ -114,21 +92,7 @@ def set_methods(repo: Path, methods: str) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("pipeline")
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "test@example.com")
-    git(repo, "config", "user.name", "test")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(ROOT / ".dvc" / name, repo / ".dvc" / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("harness", "methods"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
-    shutil.copytree(ROOT / "datasets", repo / "datasets", ignore=ignore)  # data/: the prepare stage's dep
-    (repo / "params.yaml").write_text(TINY_PARAMS)
-    return repo
+    return make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), TINY_PARAMS)
 
 
 def test_repro_runs_every_stage_into_the_store_then_nothing(repo):
@@ -160,7 +124,7 @@ def test_repro_runs_every_stage_into_the_store_then_nothing(repo):
 
 def test_a_new_method_runs_only_its_cells_and_a_killed_cell_resumes(repo):
     set_methods(repo, "cam, has, adl")
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=_env(),
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=dvc_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

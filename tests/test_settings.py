@@ -11,22 +11,18 @@ import hashlib
 import io
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from PIL import Image
+from pipeline_repo import ROOT, dvc, make_pipeline_repo
 
 from wsolbench.cli import main
 from wsolbench.config import read_config_file, resolve_config
 from wsolbench.datasets.metadata import packaged_metadata_root, read_split
 from wsolbench.settings import SETTINGS, render
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _jpeg() -> bytes:
@@ -55,8 +51,9 @@ def cub_images(tmp_path_factory) -> Path:
     return root
 
 
-def write(tmp_path: Path, name: str, data_root: Path, mask_root: Path | None = None) -> Path:
-    args = ["setting", name, "--data-root", str(data_root), "--out", str(tmp_path / "params.yaml")]
+def write(tmp_path: Path, name: str, data_root: Path, mask_root: Path | None = None, force: bool = False) -> Path:
+    args = ["setting", name, "--data-root", str(data_root), "--out", str(tmp_path / "params.yaml"),
+            *(["--force"] if force else [])]
     if mask_root is not None:
         args += ["--mask-root", str(mask_root)]
     assert main(args) == 0
@@ -260,29 +257,10 @@ def test_pretrain_imagenet_records_the_cached_file_and_trains_nothing(tmp_path, 
 @pytest.mark.slow
 def test_dvc_runs_the_prepare_stage_of_a_paper_setting(tmp_path, cub_images):
     pytest.importorskip("dvc")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(ROOT / ".dvc" / name, repo / ".dvc" / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("harness", "methods", "datasets"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
-    write(repo, "cub-resnet50", cub_images)
-    env = {**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-
-    def dvc(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout + done.stderr
-
-    assert "Running stage 'prepare'" in dvc("repro", "prepare")
+    repo = make_pipeline_repo(tmp_path / "repo", "")
+    write(repo, "cub-resnet50", cub_images, force=True)
+    assert "Running stage 'prepare'" in dvc(repo, "repro", "prepare")
     assert (repo / "data" / "CUB" / "prepared.json").is_file()
-    assert "Running stage" not in dvc("repro", "prepare")  # nothing changed, nothing rerun
-    status = dvc("status", "pretrain")  # the next stage sees its dep, and the ImageNet record still to make
+    assert "Running stage" not in dvc(repo, "repro", "prepare")  # nothing changed, nothing rerun
+    status = dvc(repo, "status", "pretrain")  # the next stage sees its dep, and the ImageNet record still to make
     assert "data/pretrained" in status
