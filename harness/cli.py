@@ -4,6 +4,8 @@
     wsolbench prepare    generate the synthetic dataset, or write ILSVRC train metadata
     wsolbench train      train a method (+ DA-WSOL), score the test split, write a run folder
     wsolbench quickstart the embedded default: synthetic data, CAM with and without DA-WSOL, on the CPU
+    wsolbench collect    run folders and Optuna trials -> the DuckDB store;  wsolbench runs: its comparison
+    wsolbench report     the store -> one self-contained HTML page and its tables as CSV
 
 Errors a user can fix are printed as one line (`wsolbench: error: <file>:<line>: ...`) with exit
 status 2; nothing is written on error.
@@ -550,13 +552,49 @@ def _add_collect(subparsers) -> None:
     p.add_argument("--optuna-storage", metavar="URL",
                    help="also collect every study's trials: an Optuna storage URL (sqlite:///tune.db) or a "
                         "journal file path")
+    p.add_argument("--pictures", type=int, default=6, metavar="N",
+                   help="store each run's score map on N fixed test images (the first image of each of the first N "
+                        "classes) with its ground truth and prediction, for the report's pictures; 0: none "
+                        "(default 6)")
     p.set_defaults(run=_run_collect)
 
 
 def _run_collect(args: argparse.Namespace) -> int:
     from wsolbench.store import collect
 
-    summary = collect(args.run_roots, args.store, optuna_storage=args.optuna_storage)
+    if args.pictures < 0:
+        raise WsolbenchError(f"--pictures must be >= 0 (got {args.pictures})")
+    summary = collect(args.run_roots, args.store, optuna_storage=args.optuna_storage, pictures=args.pictures)
+    print(summary.line())
+    return 0
+
+
+def _add_store_argument(p: argparse.ArgumentParser) -> None:
+    """--store for the commands that read the store (the pipeline's path by default)."""
+    p.add_argument("--store", type=Path, default=Path("results/wsolbench.duckdb"),
+                   help="the DuckDB file (default results/wsolbench.duckdb)")
+
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="render the store as one self-contained HTML page (and its tables as CSV)",
+        description="Render the DuckDB store alone (no run folder, image or Optuna storage is read) into OUT/index.html, "
+                    "a page with every figure inline that opens from disk, and the same tables as CSV beside it: the "
+                    "paper's Tables 1-4 beside the store's runs, the embedded default's runs apart, DA-WSOL against "
+                    "each base method with the seeds' spread, Table 4's timings as ratios to CAM, the λ1/λ2 study, "
+                    "pictures (paper Fig. 4), per-threshold curves, training curves and provenance. OUT is replaced "
+                    "atomically.")
+    _add_store_argument(p)
+    p.add_argument("--out", type=Path, default=Path("results/report"), help="the report folder (default results/report)")
+    p.add_argument("--quiet", action="store_true", help="print only the last line")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from wsolbench.reports.report import render_report
+
+    summary = render_report(args.store, args.out, log=(lambda line: None) if args.quiet else
+                            (lambda line: print(line, file=sys.stderr, flush=True)))
     print(summary.line())
     return 0
 
@@ -568,8 +606,7 @@ def _add_runs(subparsers) -> None:
                     "count, the mean and sample std over seeds, and the paper's figure with its table where the "
                     "paper has one (never for the embedded default's generated data). Timings are shown with "
                     "their ratio to the same device's CAM baseline, as spec §7 compares them.")
-    p.add_argument("--store", type=Path, default=Path("results/wsolbench.duckdb"),
-                   help="the DuckDB file (default results/wsolbench.duckdb)")
+    _add_store_argument(p)
     p.add_argument("--dataset", help="only this dataset")
     p.add_argument("--method", help="only this method")
     p.add_argument("--uda", help="only this domain adaption loss (none, mmd, dann)")
@@ -666,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_quickstart(subparsers)
     _add_collect(subparsers)
+    _add_report(subparsers)
     _add_runs(subparsers)
     _add_tune(subparsers)
     return parser

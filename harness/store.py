@@ -18,6 +18,13 @@ Tables (schema version SCHEMA_VERSION; every value in the metric vocabulary of m
   timings         run_id, kind ('train'/'test'), measure ('end_to_end'), ms_per_image, device
   optuna_trials   study, trial_number, state, lambda1, lambda2, value, run_id, start/complete times
   paper           Tables 1-4 of the DA-WSOL paper, from data/paper_da_wsol_cvpr2022.csv
+  curves          (schema 2) run_id, split, curve, iou, thresholds and values (JSON lists): the
+                  test split's per-threshold curves of curves.json — box accuracy (box_acc_v2 at
+                  IoU 30/50/70, box_acc_v1, gt_known_acc, top1_loc_acc) or, for masks, the
+                  precision, recall and iou curves over the PR thresholds (iou column 0)
+  sample_images   (schema 2) the fixed test images of each dataset, for the report's pictures:
+  sample_maps     thumbnails and ground truth; each run's score map on them and its prediction
+                  (wsolbench.samples says what exactly)
 Views:
   run_figures     each run's test-split metrics plus its end-to-end timings as metrics
                   (train_ms_per_image, test_ms_per_image, with the device they were measured on)
@@ -62,8 +69,9 @@ from wsolbench import __version__
 from wsolbench.config import run_id as identity_hash
 from wsolbench.errors import InputError, WsolbenchError
 from wsolbench.runfolder import RunFolder
+from wsolbench.samples import DEFAULT_SAMPLE_COUNT
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The paper's datasets, by the metadata folder names wsolbench uses for them.
 BENCHMARK_DATASETS = ("CUB", "ILSVRC", "OpenImages")
@@ -150,6 +158,27 @@ CREATE VIEW comparison AS
 """
 
 
+# Added in schema 2: created in a new store and added to a schema-1 store opened for writing.
+_SCHEMA_2 = """
+CREATE TABLE curves (run_id VARCHAR NOT NULL, split VARCHAR NOT NULL, kind VARCHAR NOT NULL, curve VARCHAR NOT NULL,
+                     iou INTEGER NOT NULL, thresholds VARCHAR NOT NULL, "values" VARCHAR NOT NULL,  -- JSON lists
+                     PRIMARY KEY (run_id, split, curve, iou));
+CREATE TABLE sample_images (
+    dataset VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_label INTEGER,
+    width INTEGER, height INTEGER, eval_size INTEGER, localization VARCHAR,
+    thumbnail_png BLOB NOT NULL, gt_boxes VARCHAR,   -- JSON [[x0, y0, x1, y1], ...] in original-image pixels
+    gt_mask_png BLOB,                                -- masks: 1 / 0 / 255 (ignore) at the evaluation size
+    PRIMARY KEY (dataset, split, image_id));
+CREATE TABLE sample_maps (
+    run_id VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL, dataset VARCHAR NOT NULL,
+    map_png BLOB NOT NULL, predicted_class INTEGER, threshold DOUBLE,
+    predicted_box VARCHAR, predicted_iou DOUBLE,      -- boxes: JSON [x0, y0, x1, y1] at the evaluation size
+    PRIMARY KEY (run_id, split, image_id));
+"""
+
+RUN_TABLES = ("metrics", "history", "timings", "curves", "sample_maps", "runs")
+
+
 def dataset_kind(dataset: str | None) -> str:
     """'benchmark' for the paper's datasets, 'embedded' for the generated ones, else 'other'."""
     if dataset in BENCHMARK_DATASETS:
@@ -212,6 +241,7 @@ def _check_schema(con: Any, path: Path, create: bool) -> None:
             raise WsolbenchError(f"{path}: an empty DuckDB file, not a wsolbench store")
         with _transaction(con):
             con.execute(_SCHEMA)
+            con.execute(_SCHEMA_2)
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, f"wsolbench {__version__}"])
             _load_paper(con)
         return
@@ -221,7 +251,18 @@ def _check_schema(con: Any, path: Path, create: bool) -> None:
         raise WsolbenchError(f"{path}: written by a newer wsolbench ({written_by}, store schema {version}); this "
                              f"wsolbench {__version__} reads schema {SCHEMA_VERSION} and older: upgrade wsolbench, "
                              f"or collect into another store")
-    # Schema 1 is the first: there is nothing older to migrate yet.
+    if version < 2 and create:
+        # Schema 1 -> 2 adds tables only. Its runs' fingerprints are cleared so that this collect
+        # re-reads every run folder (its curves and pictures) instead of finding it unchanged.
+        with _transaction(con):
+            con.execute(_SCHEMA_2)
+            con.execute("UPDATE runs SET fingerprint = ''")
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, f"wsolbench {__version__}"])
+
+
+def store_version(con: Any) -> int:
+    """The schema version of an open store (a read-only schema-1 store stays at 1)."""
+    return int(con.execute("SELECT max(version) FROM schema_version").fetchone()[0])
 
 
 @contextlib.contextmanager
@@ -286,6 +327,10 @@ class CollectedRun:
     metrics: list[dict[str, Any]]
     history: list[dict[str, Any]]
     timings: list[dict[str, Any]]
+    curves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    sample_images: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    sample_maps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pictures_absent: str | None = None  # why the run has no pictures (its data folders moved, say)
 
 
 @dataclasses.dataclass
@@ -365,14 +410,30 @@ _IDENTITY_TYPES: dict[str, tuple[type, ...]] = {
     "large_feature_map": (bool,)}
 
 
-def read_run(path: Path, collected_at: datetime.datetime) -> CollectedRun:
-    """A completed run folder's rows. Raises WsolbenchError saying why a folder cannot be collected."""
+def _curve_rows(rid: str, split: str, curves: dict[str, Any]) -> list[dict[str, Any]]:
+    """curves.json as curves rows: one per (curve, IoU threshold); 0 for curves without one."""
+    thresholds = json.dumps(curves.get("thresholds", []))
+    rows = []
+    for name, value in curves.items():
+        if name in ("kind", "metric", "thresholds"):
+            continue
+        by_iou = value if isinstance(value, dict) else {"0": value} if isinstance(value, list) else {}
+        for iou, values in by_iou.items():
+            if isinstance(values, list) and str(iou).isdigit():
+                rows.append({"run_id": rid, "split": split, "kind": str(curves.get("kind")), "curve": name,
+                             "iou": int(iou), "thresholds": thresholds, "values": json.dumps(values)})
+    return rows
+
+
+def read_run(path: Path, collected_at: datetime.datetime, pictures: int = 0) -> CollectedRun:
+    """A completed run folder's rows, with the pictures of `pictures` fixed test images (0: none).
+    Raises WsolbenchError saying why a folder cannot be collected."""
     folder = RunFolder(path)
     if not folder.is_complete():
         # A `wsolbench tune` trial folder has none either: a trial trains and scores val only.
         raise WsolbenchError("partial: no metrics.json (still running, or killed)")
-    files = [folder.config, folder.metrics] + ([folder.history] if folder.history.exists() else [])
-    digest = hashlib.sha256(str(path.resolve()).encode())
+    files = [folder.config, folder.metrics] + [file for file in (folder.history, folder.curves) if file.exists()]
+    digest = hashlib.sha256(f"schema {SCHEMA_VERSION} pictures {pictures} {path.resolve()}".encode())
     for file in files:
         digest.update(file.read_bytes())
     config = folder.read_config()
@@ -428,19 +489,52 @@ def read_run(path: Path, collected_at: datetime.datetime) -> CollectedRun:
     timing_rows = [{"run_id": rid, "kind": kind, "measure": "end_to_end", "ms_per_image": value, "device": device}
                    for kind in ("train", "test")
                    if (value := _number(metrics.get(f"{kind}_ms_per_image"))) is not None]
+    curves = None
+    if folder.curves.exists():
+        try:
+            curves = json.loads(folder.curves.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise InputError(folder.curves, f"not valid JSON ({error})") from None
+        if not isinstance(curves, dict):
+            raise InputError(folder.curves, "not a JSON object of curves")
+    curve_rows = _curve_rows(rid, split, curves) if curves else []
+    image_rows: list[dict[str, Any]] = []
+    map_rows: list[dict[str, Any]] = []
+    absent = None if pictures else "not asked for"
+    if pictures:
+        from wsolbench.samples import run_samples
+
+        try:
+            image_rows, map_rows = run_samples(folder, config.get("config", {}), curves, pictures)
+        except (WsolbenchError, OSError) as error:
+            # The run's figures are still collected; its pictures are named as absent.
+            absent = _one_line(error)
+        for row in map_rows:
+            row.update(run_id=rid, dataset=identity.get("dataset"))
+            digest.update(row["map_png"])
+        for row in image_rows:
+            digest.update(row["thumbnail_png"])
+    digest.update(f"pictures absent: {absent}".encode())
+    run["fingerprint"] = digest.hexdigest()
     return CollectedRun(rid, path, finished_at, digest.hexdigest(), run, metric_rows, list(history_rows.values()),
-                        timing_rows)
+                        timing_rows, curve_rows, image_rows, map_rows, absent)
 
 
 def _write_run(con: Any, run: CollectedRun) -> None:
     """Replace a run's rows: delete, then insert, in one transaction."""
     with _transaction(con):
-        for table in ("metrics", "history", "timings", "runs"):
+        for table in RUN_TABLES:
             con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run.run_id])
+        for row in run.sample_images:  # shared by the runs of a dataset: the latest read replaces it
+            con.execute("DELETE FROM sample_images WHERE dataset = ? AND split = ? AND image_id = ?",
+                        [row["dataset"], row["split"], row["image_id"]])
         _insert(con, "runs", [run.run])
         _insert(con, "metrics", run.metrics)
         _insert(con, "history", run.history)
         _insert(con, "timings", run.timings)
+        _insert(con, "curves", run.curves)
+        _insert(con, "sample_images", run.sample_images)
+        _insert(con, "sample_maps", run.sample_maps)
 
 
 # ---- Optuna --------------------------------------------------------------------------------------
@@ -521,8 +615,10 @@ def _stderr(line: str) -> None:
 
 
 def collect(run_roots: Sequence[str | os.PathLike], store_path: str | os.PathLike,
-            optuna_storage: str | None = None, warn: Warn = _stderr) -> CollectSummary:
-    """Collect the run folders under `run_roots` (and the trials of `optuna_storage`) into the store.
+            optuna_storage: str | None = None, warn: Warn = _stderr,
+            pictures: int = DEFAULT_SAMPLE_COUNT) -> CollectSummary:
+    """Collect the run folders under `run_roots` (and the trials of `optuna_storage`) into the store,
+    with each run's pictures on `pictures` fixed test images (wsolbench.samples; 0: none).
 
     Idempotent: a run whose files are unchanged is not rewritten; a changed one (same run_id) has
     its rows replaced in one transaction. A partial or corrupt folder is named through `warn` (one
@@ -546,7 +642,7 @@ def collect(run_roots: Sequence[str | os.PathLike], store_path: str | os.PathLik
                     continue
                 seen.add(path.resolve())
                 try:
-                    run = read_run(path, collected_at)
+                    run = read_run(path, collected_at, pictures)
                 except OSError as error:  # a file removed or unreadable while collect reads it
                     summary.skipped.append((path, f"corrupt: {error.filename}: {error.strerror}"))
                     continue
@@ -566,6 +662,9 @@ def collect(run_roots: Sequence[str | os.PathLike], store_path: str | os.PathLik
                                                       f"finished later (kept)"))
         for path, reason in summary.skipped:
             warn(f"skipped {path}: {reason}")
+        for run in runs:
+            if pictures and run.pictures_absent:
+                warn(f"{run.folder}: collected without pictures ({run.pictures_absent})")
         stored = dict(con.execute("SELECT run_id, fingerprint FROM runs").fetchall())
         for run in sorted(runs, key=lambda r: str(r.folder)):
             if stored.get(run.run_id) == run.fingerprint:
@@ -630,10 +729,16 @@ def comparison_rows(store_path: str | os.PathLike, dataset: str | None = None, m
     the mean and sample std over seeds, the paper's figure and its table where it has one, and
     for timings the ratio to the same-device CAM baseline beside the paper's ratio."""
     with open_store(store_path, read_only=True) as con:
-        cursor = con.execute(_COMPARISON_SQL, {"dataset": dataset, "method": method, "uda": uda,
-                                               "metrics": list(METRICS)})
-        names = [column[0] for column in cursor.description]
-        rows = [dict(zip(names, values)) for values in cursor.fetchall()]
+        return comparison_rows_of(con, dataset, method, uda)
+
+
+def comparison_rows_of(con: Any, dataset: str | None = None, method: str | None = None,
+                       uda: str | None = None) -> list[dict[str, Any]]:
+    """`comparison_rows` on an open store (the report reads several things in one connection)."""
+    cursor = con.execute(_COMPARISON_SQL, {"dataset": dataset, "method": method, "uda": uda,
+                                           "metrics": list(METRICS)})
+    names = [column[0] for column in cursor.description]
+    rows = [dict(zip(names, values)) for values in cursor.fetchall()]
     return [{name: row[name] for name in COMPARISON_COLUMNS} for row in rows]
 
 

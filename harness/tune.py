@@ -499,6 +499,7 @@ def tune(base: TrainConfig, settings: TuneSettings, log: Log = print,
             config, rid = trial_config(base, lambda1, lambda2, trials_dir, pretrained_sha256)
             trial.set_user_attr("run_id", rid)
             trial.set_user_attr("run_folder", config.out)
+            trial.set_user_attr("objective", metric)  # what `value` is (val split), for readers of the storage
             trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "index": worker})
             trial.set_user_attr("heartbeat", time.time())
         finally:
@@ -508,7 +509,9 @@ def tune(base: TrainConfig, settings: TuneSettings, log: Log = print,
         def on_val(epoch: int, figures: dict[str, Any]) -> None:
             trial.report(figures[metric], epoch)
             reported.add(epoch)
-            if trial.should_prune():
+            # The last epoch is never pruned: its training is already paid for, and a trial that
+            # finished its schedule is an answer of the study (COMPLETE), not a stopped one.
+            if epoch < config.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"val {metric} {figures[metric]:.2f} at epoch {epoch}")
 
         folder = RunFolder(config.out)

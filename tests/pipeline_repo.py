@@ -26,7 +26,7 @@ def make_pipeline_repo(repo: Path, params_text: str) -> Path:
     for name in ("config", ".gitignore"):
         shutil.copy(ROOT / ".dvc" / name, repo / ".dvc" / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("harness", "methods", "datasets"):
+    for folder in ("harness", "methods", "datasets", "reports"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
     (repo / "params.yaml").write_text(params_text)
     return repo

@@ -99,7 +99,7 @@ def test_repro_runs_every_stage_into_the_store_then_nothing(repo):
     output = dvc(repo, "repro")
     stages = ran(output)
     assert stages == {"prepare", "pretrain", "train@cam-none-0", "train@cam-mmd-0", "train@has-none-0",
-                      "train@has-mmd-0", "tune", "best", "collect"}, output
+                      "train@has-mmd-0", "tune", "best", "collect", "report"}, output
     folders, trials = store_counts(repo)
     assert folders == {"train/cam-none-0", "train/cam-mmd-0", "train/has-none-0", "train/has-mmd-0",
                        "best/cam-mmd-0"} and trials == 2
@@ -109,6 +109,11 @@ def test_repro_runs_every_stage_into_the_store_then_nothing(repo):
     # A completed run keeps its weights as final.pt, never last.pt (which a resume would continue).
     checkpoints = repo / "runs" / "train" / "cam-mmd-0" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["final.pt"]
+    # The report is the last stage: the page and its tables, of the store's 5 runs and 2 trials.
+    report = repo / "results" / "report"
+    runs_csv = (report / "runs.csv").read_text().splitlines()
+    assert len(runs_csv) == 1 + 5 and len((report / "trials.csv").read_text().splitlines()) == 1 + 2
+    assert "The embedded default (generated data)" in (report / "index.html").read_text()
 
     again = dvc(repo, "repro")
     assert ran(again) == set(), again
@@ -146,8 +151,8 @@ def test_a_new_method_runs_only_its_cells_and_a_killed_cell_resumes(repo):
 
     output = dvc(repo, "repro")
     stages = ran(output)
-    assert f"train@{killed}" in stages and "collect" in stages, output
-    assert stages <= {"train@adl-none-0", "train@adl-mmd-0", "collect"}, output
+    assert f"train@{killed}" in stages and "collect" in stages and "report" in stages, output
+    assert stages <= {"train@adl-none-0", "train@adl-mmd-0", "collect", "report"}, output
     assert "resuming at epoch 2/2" in output, output
     history = json.loads((repo / "runs" / "train" / killed / "history.json").read_text())
     assert [entry["epoch"] for entry in history["train"]] == [1, 2]
@@ -172,6 +177,6 @@ def test_experiments_take_params_on_the_command_line(repo):
     assert not [name for name in tracked if name.startswith(("data/", "runs/", "results/"))]  # DVC's, not git's
     # The matrix shrinks to cells that are all up to date: the experiment records the params, runs collect.
     output = dvc(repo, "exp", "run", "-n", "baselines-only", "-S", "train.udas=[none]")
-    assert ran(output) <= {"collect"}, output
+    assert ran(output) <= {"collect", "report"}, output
     shown = dvc(repo, "exp", "show", "--json")
     assert '"baselines-only"' in shown, shown

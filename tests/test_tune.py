@@ -212,6 +212,19 @@ def test_pruning_waits_for_the_first_epoch_da_wsol_trained():
                                                     start_epoch=-1))) == 1
 
 
+def test_a_pruner_stops_a_trial_before_its_last_epoch_but_never_at_it(data, tmp_path, monkeypatch):
+    # A pruner that always says prune: the first trial stops after epoch 1 of 2 (PRUNED, one report);
+    # with one epoch, the only report is the last epoch's, and the trial completes.
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    monkeypatch.setattr(optuna.pruners.MedianPruner, "prune", lambda self, study, trial: True)
+    two = tune(base_config(data, start_epoch=-1), TuneSettings(study_dir=tmp_path / "two", n_trials=1), log=quiet)
+    one = tune(base_config(data, start_epoch=-1, epochs=1), TuneSettings(study_dir=tmp_path / "one", n_trials=1),
+               log=quiet)
+    [pruned], [complete] = load(two).trials, load(one).trials
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    assert complete.state == TrialState.COMPLETE and list(complete.intermediate_values) == [1]
+
+
 def test_storage_choice(tmp_path):
     assert storage_spec(None, tmp_path).location == f"sqlite:///{tmp_path / 'study.db'}"
     assert storage_spec("journal", tmp_path).display == f"journal:{tmp_path / 'study.log'}"
