@@ -58,10 +58,7 @@ def main() -> None:
 
         def step() -> None:
             model.train()
-            out = model.training_step(images, labels, progress)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            trainer.optimizer.step()
+            trainer.train_step(images, labels, progress)
         return model, step
 
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "

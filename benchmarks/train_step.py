@@ -110,11 +110,7 @@ def main() -> None:
 
             def step() -> None:
                 model.train()
-                with trainer.autocast:
-                    out = model.training_step(images, labels, progress)
-                trainer.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                trainer.optimizer.step()
+                trainer.train_step(images, labels, progress)
 
             def test_step() -> None:
                 model.eval()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from wsolbench.datasets.metadata import MaskAnnotation
@@ -21,6 +20,8 @@ FOREGROUND, BACKGROUND, IGNORE = 1, 0, 255
 
 def read_binary_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     """One mask PNG as a boolean array of size=(height, width)."""
+    import cv2  # here: a box split's evaluation never imports OpenCV
+
     grey = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
     if grey is None:  # cv2.imread reports a missing or undecodable file only by returning None
         what = "does not exist" if not path.exists() else "is not a readable image"

@@ -569,6 +569,47 @@ def _run_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="the timing-regression gate: run benchmarks/, compare ratios to calibration with the baseline",
+        description="Run the pytest-benchmark suite of a wsolbench checkout (benchmarks/test_benchmarks.py), divide "
+                    "every median by the calibration workload measured in the same run, and compare each ratio "
+                    "with the committed baseline (benchmarks/baseline.json). Exit 0 when nothing regressed, 1 "
+                    "naming each regressed benchmark and its factor. Without a baseline the gate says so and "
+                    "passes. --update-baseline runs the suite --runs times and rewrites the baseline, thresholds "
+                    "from the measured run-to-run spread.")
+    p.add_argument("--benchmarks", type=Path, default=Path("benchmarks"), metavar="DIR",
+                   help="the folder holding test_benchmarks.py (default: benchmarks, from the checkout's root)")
+    p.add_argument("--baseline", type=Path, default=None, help="the baseline file (default DIR/baseline.json)")
+    p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline instead of comparing")
+    p.add_argument("--runs", type=int, default=3, help="suite runs behind a new baseline (default 3)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="also record this run's medians and ratios in the DuckDB store (table benchmark_results, "
+                        "keyed by commit and machine), for the report's timing history")
+    p.add_argument("--quiet", action="store_true", help="print only the verdict lines")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from wsolbench import bench
+
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.update_baseline:
+        path = args.baseline or args.benchmarks / bench.BASELINE_FILE
+        baseline = bench.write_baseline(args.benchmarks, runs=args.runs, log=log, baseline_path=path)
+        thresholds = baseline["threshold"].values()
+        print(f"wrote {path} for this machine: {len(baseline['ratios'])} benchmarks from {baseline['runs']} runs on "
+              f"{baseline['machine']}; thresholds {min(thresholds):.2f}x-{max(thresholds):.2f}x")
+        return 0
+    report = bench.run_gate(args.benchmarks, args.baseline, log=log)
+    if args.store is not None:
+        from wsolbench.store import record_benchmarks
+
+        record_benchmarks(args.store, bench.result_rows(report, args.benchmarks))
+    print(report.text())
+    return 1 if report.failed else 0
+
+
 def _add_store_argument(p: argparse.ArgumentParser) -> None:
     """--store for the commands that read the store (the pipeline's path by default)."""
     p.add_argument("--store", type=Path, default=Path("results/wsolbench.duckdb"),
@@ -704,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(subparsers)
     _add_collect(subparsers)
     _add_report(subparsers)
+    _add_bench(subparsers)
     _add_runs(subparsers)
     _add_tune(subparsers)
     return parser

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
-import cv2
 import numpy as np
 from numba import njit
 
@@ -92,6 +91,8 @@ def threshold_levels(thresholds: np.ndarray, quantized_max: int) -> np.ndarray:
 
 def contour_boxes(quantized: np.ndarray, level: int, multi_contour: bool) -> np.ndarray:
     """Spec §2.2 steps 3-7 at one level, with OpenCV itself: the boxes of `quantized > level`."""
+    import cv2  # here, not at module level: the fast engine's process never needs OpenCV unless it falls back
+
     height, width = quantized.shape
     _, binary = cv2.threshold(quantized, level, 255, cv2.THRESH_BINARY)  # strict >
     contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]  # OpenCV 3 and 4+

@@ -184,15 +184,17 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def source_version() -> dict[str, Any] | None:
     """{"commit", "dirty"} of the git checkout wsolbench runs from; None when it is not one (an
     installed wheel) or git is missing. Dirty counts changes to tracked files only, as `git
-    describe --dirty` does: run folders and data kept inside a checkout are not code."""
+    describe --dirty` does: run folders and data kept inside a checkout are not code, and neither
+    is dvc.lock, which every `dvc repro` rewrites (a fresh clone's pipeline would otherwise record
+    all but its first stage as run from uncommitted code)."""
     source = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
                               timeout=30)
         if head.returncode != 0:
             return None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                                capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                 ":(top,exclude)dvc.lock"], cwd=source, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head.stdout.strip(),

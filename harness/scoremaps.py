@@ -11,7 +11,6 @@ import re
 import struct
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from wsolbench.errors import InputError, WsolbenchError
@@ -33,6 +32,8 @@ def postprocess_cam(cam: np.ndarray, size: tuple[int, int] = (224, 224)) -> np.n
 
     No ReLU: negative raw values simply map towards 0 (spec §1.5).
     """
+    import cv2  # here: reading and checking maps (`wsolbench evaluate`) needs no OpenCV
+
     cam = np.asarray(cam, dtype=np.float64)
     height, width = size
     if cam.shape != (height, width):

@@ -25,6 +25,8 @@ Tables (schema version SCHEMA_VERSION; every value in the metric vocabulary of m
   sample_images   (schema 2) the fixed test images of each dataset, for the report's pictures:
   sample_maps     thumbnails and ground truth; each run's score map on them and its prediction
                   (wsolbench.samples says what exactly)
+  benchmark_results (schema 2) the timing gate's runs (`wsolbench bench --store`), keyed by commit,
+                  machine and time: each benchmark's median seconds and its ratio to calibration
 Views:
   run_figures     each run's test-split metrics plus its end-to-end timings as metrics
                   (train_ms_per_image, test_ms_per_image, with the device they were measured on)
@@ -160,20 +162,26 @@ CREATE VIEW comparison AS
 
 # Added in schema 2: created in a new store and added to a schema-1 store opened for writing.
 _SCHEMA_2 = """
-CREATE TABLE curves (run_id VARCHAR NOT NULL, split VARCHAR NOT NULL, kind VARCHAR NOT NULL, curve VARCHAR NOT NULL,
+CREATE TABLE IF NOT EXISTS curves (run_id VARCHAR NOT NULL, split VARCHAR NOT NULL, kind VARCHAR NOT NULL, curve VARCHAR NOT NULL,
                      iou INTEGER NOT NULL, thresholds VARCHAR NOT NULL, "values" VARCHAR NOT NULL,  -- JSON lists
                      PRIMARY KEY (run_id, split, curve, iou));
-CREATE TABLE sample_images (
+CREATE TABLE IF NOT EXISTS sample_images (
     dataset VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_label INTEGER,
     width INTEGER, height INTEGER, eval_size INTEGER, localization VARCHAR,
     thumbnail_png BLOB NOT NULL, gt_boxes VARCHAR,   -- JSON [[x0, y0, x1, y1], ...] in original-image pixels
     gt_mask_png BLOB,                                -- masks: 1 / 0 / 255 (ignore) at the evaluation size
     PRIMARY KEY (dataset, split, image_id));
-CREATE TABLE sample_maps (
+CREATE TABLE IF NOT EXISTS sample_maps (
     run_id VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL, dataset VARCHAR NOT NULL,
     map_png BLOB NOT NULL, predicted_class INTEGER, threshold DOUBLE,
     predicted_box VARCHAR, predicted_iou DOUBLE,      -- boxes: JSON [x0, y0, x1, y1] at the evaluation size
     PRIMARY KEY (run_id, split, image_id));
+CREATE TABLE IF NOT EXISTS benchmark_results (
+    commit VARCHAR NOT NULL, dirty BOOLEAN, machine VARCHAR NOT NULL, run_at TIMESTAMP NOT NULL,  -- UTC
+    benchmark VARCHAR NOT NULL, median_s DOUBLE NOT NULL,
+    ratio DOUBLE, baseline_ratio DOUBLE,   -- to the run's calibration workload (NULL for the calibration)
+    wsolbench_version VARCHAR,
+    PRIMARY KEY (commit, machine, run_at, benchmark));
 """
 
 RUN_TABLES = ("metrics", "history", "timings", "curves", "sample_maps", "runs")
@@ -258,6 +266,9 @@ def _check_schema(con: Any, path: Path, create: bool) -> None:
             con.execute(_SCHEMA_2)
             con.execute("UPDATE runs SET fingerprint = ''")
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, f"wsolbench {__version__}"])
+    elif create and "benchmark_results" not in tables:
+        with _transaction(con):  # a schema-2 store written before the gate recorded benchmarks
+            con.execute(_SCHEMA_2)
 
 
 def store_version(con: Any) -> int:
@@ -684,6 +695,15 @@ def collect(run_roots: Sequence[str | os.PathLike], store_path: str | os.PathLik
             summary.studies += 1
             summary.trials += len(rows)
     return summary
+
+
+# ---- benchmarks (`wsolbench bench --store`) -------------------------------------------------------
+
+def record_benchmarks(store_path: str | os.PathLike, rows: list[dict[str, Any]]) -> int:
+    """Add one gate run's rows (wsolbench.bench.result_rows) to benchmark_results, in one transaction."""
+    with open_store(store_path) as con, _transaction(con):
+        _insert(con, "benchmark_results", rows)
+    return len(rows)
 
 
 # ---- the comparison (`wsolbench runs`) -----------------------------------------------------------

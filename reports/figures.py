@@ -246,3 +246,24 @@ def training_chart(runs: list[tuple[str, dict[str, list[tuple[int, float]]], str
         ax.legend(loc="upper right", fontsize=6)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def benchmark_history_chart(series: dict[str, list[tuple[str, float]]]) -> bytes:
+    """The gate's ratios across runs (oldest first), each benchmark relative to its first run: a
+    change to the code shows as a step in one line, a noisy machine as wobble in all of them."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels: list[str] = []
+    for name, points in sorted(series.items()):
+        first = points[0][1]
+        ax.plot(range(len(points)), [value / first for _, value in points], marker=".", linewidth=1, label=name)
+        if len(points) > len(labels):
+            labels = [label for label, _ in points]
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("ratio / its first run's")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=6, ncol=2)
+    ax.set_title("timing benchmarks across gate runs (ratios to the calibration workload)")
+    fig.tight_layout()
+    return figure_png(fig)

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,6 +54,16 @@ BOX_METRICS = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc", "maxboxacc_v
                "maxboxacc_v2_iou50", "maxboxacc_v2_iou70")
 MASK_METRICS = ("top1_cls", "pxap", "piou")
 UDA_NAMES = {"none": "—", "mmd": "MMD", "dann": "DANN"}
+# Rows follow the paper's tables: CAM, HaS, ACoL, SPG, ADL, CutMix, then any other method by name.
+PAPER_METHOD_ORDER = ("cam", "has", "acol", "spg", "adl", "cutmix")
+UDA_ORDER = ("none", "mmd", "dann")
+
+
+def method_key(method: str | None, uda: str | None = None) -> tuple:
+    """Sort key: the paper's method order, then without / with MMD / with DANN."""
+    method, uda = method or "", uda or "none"
+    return (PAPER_METHOD_ORDER.index(method) if method in PAPER_METHOD_ORDER else len(PAPER_METHOD_ORDER), method,
+            UDA_ORDER.index(uda) if uda in UDA_ORDER else len(UDA_ORDER), uda)
 
 
 @dataclass
@@ -125,16 +134,12 @@ def _setting_label(group: dict[str, Any]) -> str:
 
 
 def _code_provenance() -> dict[str, Any]:
-    """The commit of the code rendering the report (from the working directory's git checkout),
-    and the versions of what renders it."""
-    commit, dirty = None, None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                check=True).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, timeout=10, check=True).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    """The commit of the code rendering the report (as a run records its own), and the versions
+    of what renders it."""
+    from wsolbench.runfolder import source_version  # the run folders' own record of the code
+
+    version = source_version() or {}
+    commit, dirty = version.get("commit"), version.get("dirty")
     versions = {"wsolbench": __version__, "python": platform.python_version()}
     for name in ("duckdb", "matplotlib", "jinja2", "pandas"):
         try:
@@ -159,7 +164,9 @@ def _render_time() -> datetime.datetime:
 def _settings(con: Any, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per setting_id: its runs, recipe, profile and the figures (metric -> comparison row)."""
     settings: dict[str, dict[str, Any]] = {}
-    for rid, run in sorted(runs.items(), key=lambda item: (item[1]["dataset"] or "", item[1]["folder"])):
+    for rid, run in sorted(runs.items(), key=lambda item: (item[1]["dataset"] or "",
+                                                            *method_key(item[1]["method"], item[1]["uda"]),
+                                                            item[1]["folder"])):
         setting = settings.setdefault(run["setting_id"], {
             "setting_id": run["setting_id"], "dataset_kind": run["dataset_kind"], "dataset": run["dataset"],
             "backbone": run["backbone"], "method": run["method"], "uda": run["uda"], "variant": run["variant"],
@@ -257,7 +264,8 @@ def _versus_base(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for block in blocks.values():
         order = [m for m in (*BOX_METRICS, *MASK_METRICS[1:]) if m in block["metrics"]]
         block["metrics"] = order
-        block["rows"].sort(key=lambda row: (row["setting"]["method"], row["setting"]["uda"], row["setting"]["variant"],
+        block["rows"].sort(key=lambda row: (*method_key(row["setting"]["method"], row["setting"]["uda"]),
+                                            row["setting"]["variant"],
                                             row["setting"]["lambda1"] or 0, row["setting"]["lambda2"] or 0))
     return list(blocks.values())
 
@@ -281,8 +289,7 @@ def _timings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "paper_test_ratio": test["paper_ratio_to_cam"] if test else None})
     out = []
     for block in blocks.values():
-        block["rows"].sort(key=lambda r: (r["method"] != "cam", r["method"], ["none", "mmd", "dann"].index(r["uda"])
-                                          if r["uda"] in ("none", "mmd", "dann") else 9, r["setting"]["variant"]))
+        block["rows"].sort(key=lambda r: (*method_key(r["method"], r["uda"]), r["setting"]["variant"]))
         # The chart: one bar per method and UDA loss, of its full-method setting with the most seeds
         # (the matrix's cell rather than, say, the study's best pair); the table has them all.
         chart: dict[tuple[str, str], dict[str, Any]] = {}
@@ -337,7 +344,7 @@ def _pictures(con: Any, runs: dict[str, dict[str, Any]], tables: set[str]) -> li
     for (dataset, split) in dict.fromkeys((i["dataset"], i["split"]) for i in images):
         columns = [i for i in images if i["dataset"] == dataset and i["split"] == split]
         dataset_runs = sorted((r for r in runs.values() if r["dataset"] == dataset and r["test_split"] == split),
-                              key=lambda r: (r["method"], r["uda"], r["variant"], r["seed"], r["folder"]))
+                              key=lambda r: (*method_key(r["method"], r["uda"]), r["variant"], r["seed"], r["folder"]))
         header = [{"image_id": i["image_id"], "class_label": i["class_label"],
                    "src": _data_uri(figures.overlay_jpeg(i, None, None, None), "image/jpeg")} for i in columns]
         rows = []
@@ -378,7 +385,8 @@ def _curves(con: Any, runs: dict[str, dict[str, Any]], tables: set[str]) -> list
             entry["pr"].setdefault(row["run_id"], {})[row["curve"]] = values
     out = []
     for dataset, entry in sorted(by_dataset.items()):
-        order = sorted(set(entry["box"]) | set(entry["pr"]), key=lambda rid: run_label(runs[rid]))
+        order = sorted(set(entry["box"]) | set(entry["pr"]),
+                       key=lambda rid: (*method_key(runs[rid]["method"], runs[rid]["uda"]), run_label(runs[rid])))
         charts = []
         if entry["box"]:
             charts.append(_data_uri(figures.box_curve_chart(
@@ -399,7 +407,8 @@ def _training(con: Any, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
         per_run.setdefault(row["run_id"], {}).setdefault(row["phase"], {}).setdefault(row["key"], []).append(
             (row["epoch"], row["value"]))
     blocks: dict[str, list] = {}
-    for rid, run in sorted(runs.items(), key=lambda item: run_label(item[1])):
+    for rid, run in sorted(runs.items(), key=lambda item: (*method_key(item[1]["method"], item[1]["uda"]),
+                                                            run_label(item[1]))):
         phases = per_run.get(rid, {})
         if not phases:
             continue
@@ -408,6 +417,38 @@ def _training(con: Any, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
             (run_label(run), phases.get("train", {}), METRICS.get(metric, metric), phases.get("val", {}).get(metric, [])))
     return [{"dataset": dataset, "chart": _data_uri(figures.training_chart(items), "image/png")}
             for dataset, items in sorted(blocks.items())]
+
+
+def _benchmark_history(con: Any, tables: set[str]) -> dict[str, Any] | None:
+    """The timing gate's recorded runs (`wsolbench bench --store`), per machine: a chart across
+    runs and the latest run's ratios beside the one before."""
+    if "benchmark_results" not in tables:
+        return None
+    rows = _rows(con, "SELECT * FROM benchmark_results WHERE ratio IS NOT NULL ORDER BY machine, run_at, benchmark")
+    if not rows:
+        return None
+    machines = []
+    for name in dict.fromkeys(r["machine"] for r in rows):
+        mine = [r for r in rows if r["machine"] == name]
+        runs = list(dict.fromkeys((r["run_at"], r["commit"]) for r in mine))
+        series: dict[str, list[tuple[str, float]]] = {}
+        for r in mine:
+            label = f"{r['commit'][:8]}{'+' if r['dirty'] else ''} {r['run_at']:%m-%d %H:%M}"
+            series.setdefault(r["benchmark"], []).append((label, r["ratio"]))
+        latest, previous = runs[-1], runs[-2] if len(runs) > 1 else None
+        table = []
+        for benchmark in sorted(series):
+            now = next((r for r in mine if (r["run_at"], r["commit"]) == latest and r["benchmark"] == benchmark), None)
+            before = next((r for r in mine if previous and (r["run_at"], r["commit"]) == previous
+                           and r["benchmark"] == benchmark), None)
+            if now is not None:
+                table.append({"benchmark": benchmark, "median_ms": now["median_s"] * 1000, "ratio": now["ratio"],
+                              "previous": before["ratio"] if before else None,
+                              "factor": now["ratio"] / before["ratio"] if before else None,
+                              "baseline": now["baseline_ratio"]})
+        machines.append({"machine": name, "runs": len(runs), "latest": latest, "table": table,
+                         "chart": _data_uri(figures.benchmark_history_chart(series), "image/png")})
+    return {"machines": machines}
 
 
 # ---- CSV ---------------------------------------------------------------------------------------
@@ -511,6 +552,7 @@ def render_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
         pictures = _pictures(con, runs, tables)
         curves = _curves(con, runs, tables)
         training = _training(con, runs)
+        benchmarks = _benchmark_history(con, tables)
     absent = []
     if not runs:
         absent.append("runs (the store holds no run: `wsolbench collect RUN_ROOT` first)")
@@ -527,16 +569,19 @@ def render_report(store_path: str | os.PathLike, out_dir: str | os.PathLike,
         absent.append("pictures (no run's score maps were collected: `wsolbench collect --pictures N`)")
     elif runs and not curves:
         absent.append("per-threshold curves (no curves.json was collected)")
+    if benchmarks is None:
+        absent.append("the timing gate's history (no `wsolbench bench --store` run in the store)")
     if runs and not any(s["seeds"] and len(s["seeds"]) > 1 for s in settings.values()):
         absent.append("seed spread (every setting has one seed: train more with `-S 'train.seeds=[0,1,2]'`)")
     rendered_at = _render_time()
     context = {
         "store": str(store_path), "schema": version, "schema_known": SCHEMA_VERSION, "rendered_at": rendered_at,
-        "code": _code_provenance(), "runs": sorted(runs.values(), key=lambda r: (r["dataset"] or "", r["label"])),
+        "code": _code_provenance(),
+        "runs": sorted(runs.values(), key=lambda r: (r["dataset"] or "", *method_key(r["method"], r["uda"]), r["label"])),
         "settings": settings, "paper_tables": paper_tables, "unmatched": unmatched, "embedded": embedded,
         "embedded_metrics": _metric_columns(embedded), "unmatched_metrics": _metric_columns(unmatched),
         "versus": versus, "spread_rule": SPREAD_RULE, "timings": timings, "studies": studies,
-        "pictures": pictures, "curves": curves, "training": training, "absent": absent,
+        "pictures": pictures, "curves": curves, "training": training, "absent": absent, "benchmarks": benchmarks,
         "paper_ratios": (PAPER_MMD_TRAIN_RATIO, PAPER_DANN_TRAIN_RATIO), "benchmark_datasets": BENCHMARK_DATASETS}
     html = _template().render(**context)
     files = _csv_files(settings, paper_tables, timings, studies, runs)

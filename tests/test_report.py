@@ -336,6 +336,25 @@ def test_a_store_with_one_mask_run_no_study_no_timings_renders_and_names_what_is
     assert "pxap" in (tmp_path / "out" / "settings.csv").read_text()
 
 
+def test_the_timing_gates_history_is_shown_across_commits(tmp_path):
+    import datetime
+
+    path = tmp_path / "s.duckdb"
+    for k, (commit, ratio) in enumerate([("a" * 40, 2.0), ("b" * 40, 3.0)]):
+        store.record_benchmarks(path, [
+            {"commit": commit, "dirty": False, "machine": "CPU X, 2 CPUs, x86_64",
+             "run_at": datetime.datetime(2026, 12, 3, 7, k), "benchmark": name, "median_s": median,
+             "ratio": value, "baseline_ratio": 2.0 if value else None, "wsolbench_version": "0.1.0"}
+            for name, median, value in (("evaluator_maxboxacc_v2", 0.04 * ratio / 2, ratio),
+                                        ("calibration_first", 0.02, None))])
+    summary = render_report(path, tmp_path / "out", log=quiet)
+    assert not any("timing gate" in line for line in summary.sections_absent)
+    page = Page((tmp_path / "out" / REPORT_FILE).read_text())
+    header, row = page.tables["benchmarks"][0]
+    assert row[:5] == ["evaluator_maxboxacc_v2", "60.00", "3.000", "2.000", "1.50x"]
+    assert any("2 gate runs" in h for h in (tmp_path / "out" / REPORT_FILE).read_text().split("<h4>"))
+
+
 def test_an_empty_store_renders_and_says_there_is_no_run(tmp_path):
     with store.open_store(tmp_path / "s.duckdb"):
         pass
