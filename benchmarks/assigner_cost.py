@@ -1,0 +1,141 @@
+"""What one target-sample-assigner call costs in operator launches and host synchronisations: the
+CPU-measurable proxy of its GPU cost (issue 12), with a check that it still assigns as the
+reference does.
+
+    python benchmarks/assigner_cost.py [--mode sequential|batched] [--batch 32] [--pixels 784]
+                                       [--channels 2048] [--classes 200] [--seed 0] [--json]
+
+One call of `TargetSampleAssigner.assign` on a (B, N, C) = (32, 784, 2048) batch (ResNet50's
+28x28 feature map at batch 32), after one warm-up call on other features so that class anchors
+exist as they do in training, is run under torch.profiler (CPU) and counted:
+
+  ops_per_call    aten operator calls made by the assigner's own code: profiler events named
+                  aten::* whose parent event is not itself an aten op (an op's inner aten calls
+                  are one launch's work, not launches of their own)
+  syncs_per_call  calls that would block the host on a GPU: aten::_local_scalar_dense (.item(),
+                  int(t), bool(t)), ops whose output shape depends on the data (nonzero, unique,
+                  masked_select, ...; any depth), and explicit host reads made by the code
+                  (Tensor.tolist / .numpy / .cpu() / .to("cpu"), counted through a
+                  TorchFunctionMode: on this CPU run they move nothing, on a GPU each is a
+                  device-to-host copy)
+  same_assignments  the call's outputs (valid images, subset sizes, the source/target/Universum
+                  rows) and the state after it (M0, r0, class anchors and counts) equal those of
+                  the reference-exact sequential assigner on the same inputs from the same state
+
+Features are synthetic but shaped like a CAM backbone's: per image a foreground region whose
+pixels lean towards a class direction, a background, and noise; labels repeat within the batch
+(16 classes drawn for 32 images), so the sequential semantics (image i's update seen by image
+i+1) matter. The last line printed with --json is one JSON object with the three figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from wsolbench.methods.dawsol.target_sample_assigner import TargetSampleAssigner
+
+DATA_DEPENDENT_SHAPE_OPS = {
+    "aten::nonzero", "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+    "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::masked_select", "aten::bincount",
+    "aten::repeat_interleave", "aten::argwhere", "aten::_local_scalar_dense", "aten::equal",
+}
+HOST_READS = {"tolist", "numpy", "cpu"}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the explicit host reads of tensors made through Python (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.counts[name] += 1
+        elif name == "to":
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            if (isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"):
+                self.counts["to(cpu)"] += 1
+        return func(*args, **kwargs)
+
+
+def make_batch(batch: int, pixels: int, channels: int, classes: int, generator: torch.Generator):
+    side = int(round(pixels ** 0.5))
+    labels = torch.randint(0, min(classes, 16), (batch,), generator=generator)
+    directions = torch.randn(classes, channels, generator=generator)
+    features = torch.randn(batch, channels, side, side, generator=generator) * 0.5
+    for i in range(batch):
+        r0, c0 = torch.randint(0, side // 2, (2,), generator=generator).tolist()
+        features[i, :, r0:r0 + side // 2, c0:c0 + side // 2] += directions[labels[i]][:, None, None]
+    features = features.relu()
+    return features, features.mean(dim=(2, 3)), labels
+
+
+def assigner_of(mode: str, args) -> TargetSampleAssigner:
+    return TargetSampleAssigner(args.classes, args.channels, source_samples=32, target_samples=32, mode=mode,
+                                seed=args.seed)
+
+
+def same_outputs(a, b) -> bool:
+    pairs = [(a.valid_images, b.valid_images), (a.subset_sizes, b.subset_sizes), (a.source, b.source),
+             (a.target, b.target), (a.universum, b.universum)]
+    return a.valid_count == b.valid_count and all(
+        (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
+        for x, y in pairs)
+
+
+def same_state(a: TargetSampleAssigner, b: TargetSampleAssigner) -> bool:
+    return (torch.equal(a.universum_anchor, b.universum_anchor) and a.universum_count == b.universum_count
+            and torch.equal(a.class_anchors, b.class_anchors) and torch.equal(a.class_counts, b.class_counts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="sequential", choices=("sequential", "batched"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pixels", type=int, default=784)
+    parser.add_argument("--channels", type=int, default=2048)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    generator = torch.Generator().manual_seed(args.seed)
+    warm = make_batch(args.batch, args.pixels, args.channels, args.classes, generator)
+    measured = make_batch(args.batch, args.pixels, args.channels, args.classes, generator)
+    candidate, reference = assigner_of(args.mode, args), assigner_of("sequential", args)
+    with torch.no_grad():
+        candidate.assign(*warm)
+        reference.assign(*warm)
+        host = HostReads()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, host:
+            out = candidate.assign(*measured)
+        expected = reference.assign(*measured)
+
+    events = profile.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    top_level = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    sync_ops = Counter(e.name for e in aten if e.name in DATA_DEPENDENT_SHAPE_OPS)
+    syncs = sum(sync_ops.values()) + sum(host.counts.values())
+    same = same_outputs(out, expected) and same_state(candidate, reference)
+    by_op = Counter(e.name for e in top_level)
+    if not args.json:
+        print(f"assigner mode {args.mode}, batch {args.batch}, {args.pixels} pixels, C = {args.channels}")
+        print(f"  aten ops per call: {len(top_level)} (all aten events, nested included: {len(aten)})")
+        print(f"  most frequent: " + ", ".join(f"{name} {count}" for name, count in by_op.most_common(8)))
+        print(f"  host syncs per call: {syncs} = " + ", ".join(
+            f"{name} {count}" for name, count in [*sync_ops.most_common(), *host.counts.most_common()]))
+        print(f"  same assignments as the reference: {same}")
+    print(json.dumps({"ops_per_call": len(top_level), "syncs_per_call": syncs, "same_assignments": same,
+                      "mode": args.mode, "batch": args.batch, "pixels": args.pixels, "channels": args.channels,
+                      "sync_breakdown": {**sync_ops, **host.counts}}))
+
+
+if __name__ == "__main__":
+    main()
