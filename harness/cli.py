@@ -6,6 +6,7 @@
     wsolbench quickstart the embedded default: synthetic data, CAM with and without DA-WSOL, on the CPU
     wsolbench collect    run folders and Optuna trials -> the DuckDB store;  wsolbench runs: its comparison
     wsolbench report     the store -> one self-contained HTML page and its tables as CSV
+    wsolbench bench      the timing-regression gate over benchmarks/ (exit 1 names each regression)
 
 Errors a user can fix are printed as one line (`wsolbench: error: <file>:<line>: ...`) with exit
 status 2; nothing is written on error.
