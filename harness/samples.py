@@ -56,13 +56,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def png_array(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image)
-
-
 def _thumbnail(path: Path) -> tuple[bytes, int, int]:
     from wsolbench.datasets.images import load_image
 

@@ -124,8 +124,7 @@ def timing_chart(groups: list[dict[str, Any]], device: str) -> bytes:
     return figure_png(fig)
 
 
-def study_charts(trials: list[dict[str, Any]], lambda1_range: tuple[float, float] | None,
-                 lambda2_range: tuple[float, float] | None, metric: str) -> bytes:
+def study_charts(trials: list[dict[str, Any]], metric: str) -> bytes:
     """The λ study: the trials over (λ1, λ2) on log axes coloured by their val figure (pruned
     trials hollow, the best starred), and the optimisation history with the best so far."""
     plt = _pyplot()
@@ -148,10 +147,6 @@ def study_charts(trials: list[dict[str, Any]], lambda1_range: tuple[float, float
         left.scatter([best["lambda1"]], [best["lambda2"]], marker="*", s=220, c="red", label="best")
     left.set_xscale("log")
     left.set_yscale("log")
-    if lambda1_range:
-        left.set_xlim(*lambda1_range)
-    if lambda2_range:
-        left.set_ylim(*lambda2_range)
     left.set_xlabel("λ1 (L_d weight)")
     left.set_ylabel("λ2 (L_u weight)")
     left.legend(loc="best")

@@ -314,8 +314,8 @@ def _study(con: Any, runs: dict[str, dict[str, Any]], tables: set[str]) -> list[
     out = []
     for name, rows in studies.items():
         attrs = [json.loads(t["user_attrs"] or "{}") for t in rows]
-        metric = next((a.get("objective") or a.get("metric") for a in attrs if a.get("objective") or a.get("metric")),
-                      None) or "val figure"
+        # `objective` is the val metric `wsolbench tune` records on each trial.
+        metric = next((a["objective"] for a in attrs if a.get("objective")), None) or "val figure"
         complete = [t for t in rows if t["state"] == "COMPLETE" and t["value"] is not None]
         best = max(complete, key=lambda t: t["value"]) if complete else None
         tested = []
@@ -325,10 +325,9 @@ def _study(con: Any, runs: dict[str, dict[str, Any]], tables: set[str]) -> list[
                         and math.isclose(run["lambda1"], best["lambda1"], rel_tol=1e-12)
                         and math.isclose(run["lambda2"], best["lambda2"], rel_tol=1e-12)):
                     tested.append(run)
-        ranges = [t for t in attrs if t.get("lambda1_range")]
-        chart = figures.study_charts(rows, None, None, metric)
+        chart = figures.study_charts(rows, metric)
         out.append({"name": name, "trials": rows, "best": best, "tested": tested, "metric": metric,
-                    "chart": _data_uri(chart, "image/png"), "ranges": ranges[0] if ranges else None,
+                    "chart": _data_uri(chart, "image/png"),
                     "states": {state: sum(t["state"] == state for t in rows) for state in
                                sorted({t["state"] for t in rows})}})
     return out

@@ -104,7 +104,7 @@ def _train(data: Path, out: Path, dataset: str = "SyntheticBoxes", **settings) -
     return train_and_evaluate(config, log=quiet)
 
 
-def _study(storage: str, runs: dict[str, dict]) -> None:
+def _study(storage: str) -> None:
     import optuna
     from optuna.distributions import FloatDistribution
 
@@ -112,26 +112,23 @@ def _study(storage: str, runs: dict[str, dict]) -> None:
     study = optuna.create_study(study_name="lambda-SyntheticBoxes-cam-mmd", storage=storage, direction="maximize")
     space = {"lambda1": FloatDistribution(0.03, 3.0, log=True), "lambda2": FloatDistribution(0.1, 10.0, log=True)}
     for state, lambda1, lambda2, value in STUDY_TRIALS:
-        trial = optuna.trial.create_trial(
+        # A pruned trial has no value, only the last figure it reported.
+        study.add_trial(optuna.trial.create_trial(
             state=getattr(optuna.trial.TrialState, state), params={"lambda1": lambda1, "lambda2": lambda2},
-            distributions=space, value=value if state == "COMPLETE" else None,
-            intermediate_values={1: value} if state == "PRUNED" else {1: value},
-            user_attrs={"objective": "maxboxacc_v2"})
-        if state == "PRUNED":
-            trial.value = None
-        study.add_trial(trial)
+            distributions=space, value=value if state == "COMPLETE" else None, intermediate_values={1: value},
+            user_attrs={"objective": "maxboxacc_v2"}))
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, torch_threads):
-    yield from _built(tmp_path_factory, torch_threads)
+def one_thread(torch_threads):
+    """Small tensors: 1 torch thread (conftest.torch_threads)."""
+    yield from torch_threads(1)
 
 
-def _built(tmp_path_factory, torch_threads):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, one_thread):
     from wsolbench.datasets import synthetic
 
-    threads = torch_threads(1)
-    next(threads)
     root = tmp_path_factory.mktemp("report")
     cwd = os.getcwd()
     os.chdir(root)  # run folders and data with relative paths, as the pipeline writes them
@@ -150,7 +147,7 @@ def _built(tmp_path_factory, torch_threads):
         write_run(Path("runs/bench"), "oi-cam-mmd", dataset="OpenImages", uda="mmd", train_ms=20.0, test_ms=84.0,
                   figures={"pxap": 64.0, "piou": 48.0, "top1_cls": 71.0})
         storage = f"sqlite:///{root / 'study.db'}"
-        _study(storage, runs)
+        _study(storage)
         store_path = root / "store.duckdb"
         summary = store.collect(["runs"], store_path, optuna_storage=storage, warn=quiet, pictures=3)
         assert summary.added == 6
@@ -159,9 +156,8 @@ def _built(tmp_path_factory, torch_threads):
     finally:
         os.chdir(cwd)
     html = (out / REPORT_FILE).read_text(encoding="utf-8")
-    yield {"root": root, "store": store_path, "out": out, "html": html, "page": Page(html), "runs": runs,
-           "report": report}
-    next(threads, None)
+    return {"root": root, "store": store_path, "out": out, "html": html, "page": Page(html), "runs": runs,
+            "report": report}
 
 
 def _row_starting(table: list[list[str]], *cells: str) -> list[list[str]]:
