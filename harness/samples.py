@@ -10,9 +10,9 @@ collect of the same files picks the same ones.
 
 What is stored (the report reads only the store):
   sample_images  per (dataset, split, image_id): the image as a PNG thumbnail (the longer side
-                 THUMBNAIL_SIDE px, aspect kept), its size, its class, and the ground truth: the
-                 boxes in original-image pixels, or for a mask dataset the GT mask (1 object,
-                 0 background, 255 ignore) as a PNG at the evaluation size
+                 THUMBNAIL_SIDE px, aspect kept), its size, its class, and the ground truth at the
+                 evaluation size: the boxes rescaled as the evaluator rescales them (spec §1.4),
+                 or for a mask dataset the GT mask (1 object, 0 background, 255 ignore) as a PNG
   sample_maps    per (run_id, split, image_id): the run's score map at the evaluation size as an
                  8-bit PNG (spec §2.2's own quantisation, uint8(S * 255)), the predicted class,
                  and the localisation at the run's optimal threshold: for boxes, the threshold
@@ -117,9 +117,10 @@ def run_samples(folder: Any, config: dict[str, Any], curves: dict[str, Any] | No
                    "predicted_class": predicted.get(image_id), "threshold": threshold, "predicted_box": None,
                    "predicted_iou": None}
         if metadata.localization == "boxes":
-            boxes = metadata.boxes[image_id]
-            row["gt_boxes"] = json.dumps([list(box) for box in boxes])
-            scaled = np.array([rescale_box(box, (width, height), (image_size, image_size)) for box in boxes])
+            # In the evaluation frame, rescaled as the evaluator does (spec §1.4), like the maps.
+            scaled = np.array([rescale_box(box, (width, height), (image_size, image_size))
+                               for box in metadata.boxes[image_id]])
+            row["gt_boxes"] = json.dumps(scaled.tolist())
             box, iou = _best_box(scoremap, threshold, scaled)
             map_row["predicted_box"], map_row["predicted_iou"] = json.dumps(box), iou
         elif metadata.localization == "masks":

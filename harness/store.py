@@ -168,7 +168,7 @@ CREATE TABLE IF NOT EXISTS curves (run_id VARCHAR NOT NULL, split VARCHAR NOT NU
 CREATE TABLE IF NOT EXISTS sample_images (
     dataset VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_label INTEGER,
     width INTEGER, height INTEGER, eval_size INTEGER, localization VARCHAR,
-    thumbnail_png BLOB NOT NULL, gt_boxes VARCHAR,   -- JSON [[x0, y0, x1, y1], ...] in original-image pixels
+    thumbnail_png BLOB NOT NULL, gt_boxes VARCHAR,   -- JSON [[x0, y0, x1, y1], ...] at the evaluation size (spec §1.4)
     gt_mask_png BLOB,                                -- masks: 1 / 0 / 255 (ignore) at the evaluation size
     PRIMARY KEY (dataset, split, image_id));
 CREATE TABLE IF NOT EXISTS sample_maps (

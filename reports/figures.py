@@ -65,7 +65,7 @@ def overlay_jpeg(sample: dict[str, Any], scoremap_png: bytes | None, predicted_b
                  threshold: float | None, display: int = 160) -> bytes:
     """One picture of paper Fig. 4: the test image as the protocol sees it (resized to the
     evaluation size, aspect ignored, spec §1.3), the score map blended over it in jet, the GT
-    boxes (green; rescaled as spec §1.4) or GT mask outline, and the prediction in red: the
+    boxes (green; stored in the evaluation frame) or GT mask outline, and the prediction in red: the
     box that scored at the run's optimal threshold, or the outline of map >= threshold. Without
     a map, the image with its ground truth only."""
     from PIL import Image, ImageDraw
@@ -88,10 +88,7 @@ def overlay_jpeg(sample: dict[str, Any], scoremap_png: bytes | None, predicted_b
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(display / 80))  # 2 px at the default 160: visible after JPEG
     if sample.get("gt_boxes"):
-        for x0, y0, x1, y1 in json.loads(sample["gt_boxes"]):
-            # spec §1.4: int(x * W' / W) into the evaluation frame, then to the display.
-            box = (int(x0 * size / sample["width"]), int(y0 * size / sample["height"]),
-                   int(x1 * size / sample["width"]), int(y1 * size / sample["height"]))
+        for box in json.loads(sample["gt_boxes"]):  # already in the evaluation frame (wsolbench.samples)
             draw.rectangle([v * scale for v in box], outline=GT_COLOUR, width=width)
     if predicted_box is not None:
         draw.rectangle([v * scale for v in predicted_box], outline=PREDICTION_COLOUR, width=width)

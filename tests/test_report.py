@@ -254,16 +254,31 @@ def test_pictures_show_the_same_images_for_every_run_and_decode(built):
     assert sum(size == (160, 160) for size in sizes) == (3 + 3 * 3) + (3 + 3 * 1)  # headers + overlays
 
 
+def test_the_stored_ground_truth_is_the_evaluators_rescaled_boxes(built):
+    from wsolbench.datasets.metadata import read_split
+    from wsolbench.evaluator import rescale_box
+
+    metadata = read_split(built["root"] / "data" / "metadata", "SyntheticBoxes", "test")
+    with duckdb.connect(str(built["store"]), read_only=True) as con:
+        stored = con.execute("SELECT image_id, gt_boxes, eval_size FROM sample_images WHERE dataset = "
+                             "'SyntheticBoxes'").fetchall()
+    assert len(stored) == 3
+    for image_id, boxes, size in stored:
+        expected = [list(rescale_box(box, metadata.image_sizes[image_id], (size, size)))
+                    for box in metadata.boxes[image_id]]
+        assert json.loads(boxes) == expected and size == 64
+
+
 def test_the_overlay_draws_the_ground_truth_and_the_predicted_box_where_they_are():
     import numpy as np
     from PIL import Image
 
     from wsolbench.samples import png_bytes
 
-    sample = {"eval_size": 80, "width": 160, "height": 80, "gt_boxes": json.dumps([[20, 10, 100, 50]]),
+    sample = {"eval_size": 80, "width": 160, "height": 80, "gt_boxes": json.dumps([[10, 10, 50, 50]]),
               "gt_mask_png": None, "thumbnail_png": png_bytes(np.zeros((40, 80, 3), np.uint8))}
     picture = np.asarray(Image.open(io.BytesIO(figures.overlay_jpeg(sample, None, [40, 40, 60, 60], None, 80))))
-    # GT (20, 10)-(100, 50) in a 160x80 image is (10, 10)-(50, 50) at 80x80: green there, red at 40-60.
+    # GT (10, 10)-(50, 50) in the 80x80 evaluation frame: green there; the prediction red at 40-60.
     assert picture[10, 30, 1] > 150 and picture[10, 30, 0] < 100
     assert picture[60, 55, 0] > 150 and picture[60, 55, 1] < 100
     assert picture[30, 70].max() < 60  # nothing drawn elsewhere
