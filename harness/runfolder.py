@@ -127,6 +127,9 @@ class RunFolder:
     def read_metrics(self) -> dict[str, Any]:
         return read_json_object(self.metrics)
 
+    def read_curves(self) -> dict[str, Any]:
+        return read_json_object(self.curves)
+
     def read_checkpoint(self, map_location: Any = "cpu", final: bool = False) -> dict[str, Any]:
         """checkpoints/last.pt (a run in progress), or with `final` checkpoints/final.pt (a completed run's)."""
         import torch

@@ -500,14 +500,7 @@ def read_run(path: Path, collected_at: datetime.datetime, pictures: int = 0) -> 
     timing_rows = [{"run_id": rid, "kind": kind, "measure": "end_to_end", "ms_per_image": value, "device": device}
                    for kind in ("train", "test")
                    if (value := _number(metrics.get(f"{kind}_ms_per_image"))) is not None]
-    curves = None
-    if folder.curves.exists():
-        try:
-            curves = json.loads(folder.curves.read_text(encoding="utf-8"))
-        except ValueError as error:
-            raise InputError(folder.curves, f"not valid JSON ({error})") from None
-        if not isinstance(curves, dict):
-            raise InputError(folder.curves, "not a JSON object of curves")
+    curves = folder.read_curves() if folder.curves.exists() else None
     curve_rows = _curve_rows(rid, split, curves) if curves else []
     image_rows: list[dict[str, Any]] = []
     map_rows: list[dict[str, Any]] = []

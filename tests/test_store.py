@@ -244,6 +244,14 @@ def test_a_run_without_its_curves_is_collected_without_pictures_and_named(tmp_pa
     assert query(tmp_path / "s.duckdb", "SELECT count(*) FROM sample_maps") == [(0,)]
 
 
+def test_a_corrupt_curves_file_skips_its_run_naming_the_file_and_line(tmp_path, capsys):
+    folder = write_run(tmp_path / "runs", "a")
+    folder.curves.write_text('{\n  "kind": \n}\n')
+    summary = store.collect([tmp_path / "runs"], tmp_path / "s.duckdb")
+    assert summary.added == 0 and len(summary.skipped) == 1
+    assert f"skipped {folder.path}: corrupt: {folder.curves}:3: not valid JSON" in capsys.readouterr().err
+
+
 def test_collect_into_a_schema_1_store_adds_the_schema_2_tables_and_rereads_its_runs(tmp_path):
     write_run(tmp_path / "runs", "a")
     store_path = tmp_path / "s.duckdb"
