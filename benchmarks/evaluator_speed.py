@@ -171,7 +171,7 @@ def speed(args: argparse.Namespace) -> None:
         from wsolbench.datasets.metadata import read_split
         ids = read_split(metadata_root, "CUB", "val").image_ids
         write_maps(ids, maps, seed=0, kind=args.maps)
-        # Warm the numba cache so that both sides are steady-state processes.
+        # Warm the kernel cache (a first process builds the AOT kernels) so that both sides are steady-state processes.
         subprocess.run(wsolbench_command(maps, "CUB", "val", args.interval, metadata_root), capture_output=True, check=True)
         baseline_images = args.baseline_images or len(ids)
         base_root = metadata_root if baseline_images == len(ids) else subset_metadata(tmp / "b", "CUB", "val", baseline_images)

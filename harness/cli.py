@@ -734,26 +734,29 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+SUBCOMMANDS = {"evaluate": _add_evaluate, "setting": _add_setting, "prepare": _add_prepare, "pretrain": _add_pretrain,
+               "train": _add_train, "quickstart": _add_quickstart, "collect": _add_collect, "report": _add_report,
+               "bench": _add_bench, "runs": _add_runs, "tune": _add_tune}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` the parser of that one subcommand (same help, same errors).
+
+    Building every subcommand imports what their defaults need (the config system, ...): about
+    0.05-0.08 s of a `wsolbench evaluate` process that needs none of it (issue 11).
+    """
     parser = argparse.ArgumentParser(prog="wsolbench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"wsolbench {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_evaluate(subparsers)
-    _add_setting(subparsers)
-    _add_prepare(subparsers)
-    _add_pretrain(subparsers)
-    _add_train(subparsers)
-    _add_quickstart(subparsers)
-    _add_collect(subparsers)
-    _add_report(subparsers)
-    _add_bench(subparsers)
-    _add_runs(subparsers)
-    _add_tune(subparsers)
+    for name, add in SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -35,12 +35,8 @@ last pixel, clipped to width-1, and the box is then used as inclusive.
 """
 from __future__ import annotations
 
-import importlib.abc
-import sys
-import threading
-
 import numpy as np
-from numba import njit
+from wsolbench.kernels import kernel
 
 # A pixel's eight neighbours in ring order (bit k of its neighbourhood mask): N, NE, E, SE, S, SW,
 # W, NW, as (row, column) offsets.
@@ -98,7 +94,7 @@ _GROUPS, _GROUP_COUNT, _AREA2_CHANGE, _EULER4_CHANGE = _neighbourhood_tables()
 # no bounds checks, and the padding ring doubles as "outside" for the hole search.
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _find(parent, p):
     while parent[p] != p:  # path halving
         parent[p] = parent[parent[p]]
@@ -106,7 +102,7 @@ def _find(parent, p):
     return p
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _intersection(x0, y0, x1, y1, gt, g):
     """Pixels shared by an inclusive box and ground-truth box g (spec §2.3: +1 per side)."""
     ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
@@ -114,7 +110,7 @@ def _intersection(x0, y0, x1, y1, gt, g):
     return max(0, ix) * max(0, iy)
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _max_iou(x0, y0, x1, y1, gt):
     """Max over ground-truth boxes of the protocol's IoU (spec §2.3: inclusive, +1 areas)."""
     best = 0.0
@@ -128,7 +124,7 @@ def _max_iou(x0, y0, x1, y1, gt):
     return best
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _max_cover(x0, y0, x1, y1, gt):
     """Max over ground-truth boxes G of |box & G| / |G|: a bound on the IoU of any box inside."""
     best = 0.0
@@ -140,7 +136,7 @@ def _max_cover(x0, y0, x1, y1, gt):
     return best
 
 
-@njit(cache=True, nogil=True)
+@kernel("i8(f8[:, ::1], u1[:, ::1])")
 def quantize_into(scoremap, out):
     """out = uint8(S * 255), truncating (spec §2.2 step 1), as numpy's astype; returns max(out)."""
     height, width = scoremap.shape
@@ -152,48 +148,6 @@ def quantize_into(scoremap, out):
             if v > maximum:
                 maximum = v
     return maximum
-
-
-class _HideScipy(importlib.abc.MetaPathFinder):
-    """Makes scipy.linalg unimportable, for the thread that installed it only."""
-
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-
-    def find_spec(self, name, path=None, target=None):
-        if threading.get_ident() == self.thread and (name == "scipy.linalg" or name.startswith("scipy.linalg.")):
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden while numba starts)", name=name)
-        return None
-
-
-_kernels_loaded = False
-_kernels_lock = threading.Lock()
-
-
-def load_kernels() -> None:
-    """Load the compiled kernels from numba's cache now, once, before threads ask for them.
-
-    numba's first kernel load in a process sets up its typing and target contexts, and on the
-    way imports scipy.linalg (0.1-0.2 s on the dev VM, a tenth of a 1,000-map evaluation) only
-    to learn whether its np.correlate/np.convolve may call BLAS; nothing here uses them. So when
-    scipy.linalg is not imported yet, it is hidden for the length of that first load, from this
-    thread only: numba then uses its own loop for those two functions in this process, and
-    imports scipy.linalg as usual for anything that needs it (its linear algebra asks for it when
-    it is compiled, and finds it).
-    """
-    global _kernels_loaded
-    with _kernels_lock:
-        if _kernels_loaded:
-            return
-        shield = _HideScipy() if "scipy.linalg" not in sys.modules else None
-        if shield is not None:
-            sys.meta_path.insert(0, shield)
-        try:
-            quantize_into(np.zeros((1, 1)), np.zeros((1, 1), dtype=np.uint8))
-        finally:
-            if shield is not None:
-                sys.meta_path.remove(shield)
-        _kernels_loaded = True
 
 
 class Workspace:
@@ -247,7 +201,7 @@ def sweep_levels(quantized: np.ndarray, level_slot: np.ndarray, gt: np.ndarray, 
     return best_all, best_largest
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _merge(a, b, parent, size, box, area2, euler4, dirty, listed, listed_at, n_listed):
     """Merge root b into root a; returns the new length of the list (b leaves it if it was in)."""
     parent[b] = a
@@ -269,7 +223,7 @@ def _merge(a, b, parent, size, box, area2, euler4, dirty, listed, listed_at, n_l
     return n_listed
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _new_component(p, r, c, parent, size, box):
     """Pixel p at (r, c) starts a component of its own."""
     parent[p] = p
@@ -280,7 +234,7 @@ def _new_component(p, r, c, parent, size, box):
     box[p, 3] = r
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _join(p, r, c, root, parent, size, box):
     """Pixel p at (r, c) joins the component of `root`."""
     parent[p] = root
@@ -291,7 +245,7 @@ def _join(p, r, c, root, parent, size, box):
     box[root, 3] = max(box[root, 3], r)
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _list_if_large(a, area, min_area, listed, listed_at, n_listed):
     """Add root a (not listed yet) once its evaluated box can reach the IoU floor (boxes only grow)."""
     if area >= min_area:
@@ -301,7 +255,7 @@ def _list_if_large(a, area, min_area, listed, listed_at, n_listed):
     return n_listed
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _set_frame(parent, value, wp, x0, y0, x1, y1):
     """parent = value on the one-pixel frame around the region (x0, y0)-(x1, y1), padded indices."""
     top = y0 * wp + x0  # padded index of (y0 - 1, x0 - 1)
@@ -314,7 +268,8 @@ def _set_frame(parent, value, wp, x0, y0, x1, y1):
         parent[r * wp + x1 + 2] = value
 
 
-@njit(cache=True, nogil=True)
+@kernel("void(u1[:, ::1], i8[::1], i8[:, ::1], b1, f8, f8, f8[::1], f8[::1], i4[::1], i4[::1], i4[:, ::1], "
+        "i4[::1], i4[::1], u1[::1], f8[::1], i4[::1], i4[::1], i4[::1], i8[:, ::1], i8[::1], i8[::1], i8[::1])")
 def _sweep(quantized, level_slot, gt, largest, min_area, floor, best_all, best_largest,
            parent, size, box, area2, euler4, dirty, iou, listed, listed_at, order,
            groups, group_count, area2_change, euler4_change):

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
-from numba import njit
-
-from wsolbench.contour_sweep import Workspace, load_kernels, quantize_into, sweep_levels
+from wsolbench import kernels
+from wsolbench.contour_sweep import Workspace, quantize_into, sweep_levels
 from wsolbench.datasets.masks import load_gt_mask
 from wsolbench.datasets.metadata import SplitMetadata
 from wsolbench.errors import InputError, WsolbenchError
@@ -145,7 +144,7 @@ def best_ious_fast(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
     if workspace is None or workspace.shape != scoremap.shape:
         workspace = _workspaces.current = Workspace(*scoremap.shape)
     quantized = workspace.quantized
-    quantized_max = quantize_into(scoremap, quantized)
+    quantized_max = quantize_into(np.ascontiguousarray(scoremap, dtype=np.float64), quantized)
     levels = threshold_levels(thresholds, quantized_max)
     gt_boxes = np.ascontiguousarray(gt_boxes, dtype=np.int64)
     if quantized_max == 0:  # nothing above any level: the single box [0, 0, 0, 0] everywhere
@@ -177,7 +176,7 @@ def histogram_edges(thresholds: np.ndarray) -> np.ndarray:
     return np.append(thresholds, [1.0, 2.0, 3.0])
 
 
-@njit(cache=True, nogil=True)
+@kernels.kernel("void(f8[:, ::1], u1[:, ::1], f8[::1], f8, i8[::1], i8[::1])")
 def accumulate_mask_histograms(scoremap, gt_mask, edges, interval, positive, negative):
     """Add the map's scores to the foreground (1) and background (0) histograms; 255 is ignored.
 
@@ -454,7 +453,8 @@ class SplitEvaluator:
         else:
             counts = np.zeros_like(self._counts)
             gt_mask = load_gt_mask(self.mask_root, self.metadata.masks[image_id], self.image_size)
-            accumulate_mask_histograms(scoremap, gt_mask, self.edges, self.cam_curve_interval, counts[0], counts[1])
+            accumulate_mask_histograms(np.ascontiguousarray(scoremap), gt_mask, self.edges, self.cam_curve_interval,
+                                       counts[0], counts[1])
         with self._lock:
             if image_id in self._seen:
                 raise WsolbenchError(f"{self.metadata.dataset}/{self.metadata.split}: map of {image_id!r} added twice")
@@ -528,7 +528,7 @@ def evaluate_split(metadata: SplitMetadata, load_scoremap: ScoremapLoader, *,
             evaluator.add(image_id, load_scoremap(image_id), predictions[image_id] if predictions else None)
 
     workers = workers or min(os.cpu_count() or 1, 8)
-    load_kernels()  # once, here, rather than by the first thread while the others wait for it
+    kernels.compiled()  # once, here, rather than by the first thread while the others wait for it
     # Chunks small enough to keep every thread busy, large enough to amortise the scheduling.
     chunk_size = max(1, min(64, math.ceil(len(metadata) / (4 * workers))))
     chunks = list(_chunks(metadata.image_ids, chunk_size))

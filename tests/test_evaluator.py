@@ -404,18 +404,19 @@ def test_fast_engine_equals_the_definition_on_full_size_maps(shared_dir):
 
 
 def test_loading_the_kernels_hides_scipy_linalg_from_numba_only_while_it_starts():
-    """load_kernels keeps scipy.linalg out of numba's start-up (0.1-0.2 s); afterwards scipy.linalg
-    imports as usual and numba code that needs BLAS still compiles (checked in a fresh process)."""
+    """The JIT's kernel load keeps scipy.linalg out of numba's start-up (0.1-0.2 s); afterwards
+    scipy.linalg imports as usual and numba code that needs BLAS still compiles (a fresh process)."""
     import subprocess
     import sys
     pytest.importorskip("scipy")
     script = """
 import sys
-from wsolbench.contour_sweep import load_kernels
-load_kernels()
+from wsolbench import kernels
+jit = kernels.compiled("jit")
+assert jit.mode == "jit"
 assert "scipy.linalg" not in sys.modules, "numba imported scipy.linalg at start-up"
 assert not any(type(finder).__name__ == "_HideScipy" for finder in sys.meta_path)
-load_kernels()  # a second call does nothing
+assert kernels.compiled("jit") is jit  # a second call does nothing
 import numba, numpy as np
 import scipy.linalg
 dot = numba.njit(lambda a, b: np.dot(a, b))
@@ -433,7 +434,7 @@ def test_the_scipy_linalg_shield_holds_only_for_the_thread_that_loads_the_kernel
     pytest.importorskip("scipy")
     script = """
 import sys, threading
-from wsolbench.contour_sweep import _HideScipy
+from wsolbench.kernels import _HideScipy
 shield = _HideScipy()
 sys.meta_path.insert(0, shield)
 try:
