@@ -19,6 +19,14 @@ import torch
 from torch import Tensor
 
 
+# Lloyd iterations between host checks for finished problems off the CPU (kmeans' sync_every).
+# A check costs one host read (a sync) and a dozen launches to shrink the working set; an
+# iteration costs about 60 launches, and a finished problem waits on average (k - 1) / 2
+# iterations for a check made every k. On a launch-bound GPU the wasted iterations cost more
+# than the syncs; 3 keeps the syncs of a 15-iteration run at 5 (issue 12, benchmarks/RESULTS.md).
+DEVICE_SYNC_EVERY = 3
+
+
 class KMeansResult(NamedTuple):
     """Output of `kmeans`, one entry per problem."""
 
@@ -26,6 +34,45 @@ class KMeansResult(NamedTuple):
     labels: Tensor  # (P, N) int64: the cluster of each point, consistent with `centres`
     n_iter: Tensor  # (P,) int64: Lloyd iterations run (sklearn's n_iter)
     strict_convergence: Tensor  # (P,) bool: stopped because the labels stopped changing
+
+
+class PreparedPoints(NamedTuple):
+    """The problems' data as the Lloyd iterations use it (spec §5.4), computed once per problem."""
+
+    centred: Tensor  # (P, N, C) float32: the points minus their mean
+    centred64: Tensor  # (P, N, C) float64 copy, for the E-step distances and M-step sums
+    mean: Tensor  # (P, 1, C) float32: the mean subtracted
+    tolerance: Tensor  # (P,) float64: tol_abs
+
+    def select(self, index: Tensor) -> "PreparedPoints":
+        return PreparedPoints(*(field[index] for field in self))
+
+
+class FirstStep(NamedTuple):
+    """What a problem's first Lloyd iteration made of its initial centres.
+
+    The rest of the run depends on the initial centres only through these (spec §5.4: iteration 2
+    starts from `centres` and compares its labels with `labels`; the first stop test is
+    `stopped`), so two runs with equal FirstSteps are equal from there on, whatever their initial
+    centres were. The sequential assigner's speculative engine relies on this.
+    """
+
+    labels: Tensor  # (P, N) int64: the first E-step's labels
+    centres: Tensor  # (P, K, C) float32 (centred): the first M-step's centres, relocation included
+    stopped: Tensor  # (P,) bool: the first iteration's centre shift was within the tolerance
+
+
+def prepare_points(points: Tensor, tol: float = 1e-4) -> PreparedPoints:
+    """Centre the data and set the tolerance, as sklearn does before iterating (spec §5.4)."""
+    data = points.detach().to(torch.float32)
+    # Spec §5.4: sklearn centres the data first (neutral mathematically, better float32 rounding);
+    # the init is cast to float32 and shifted by the same mean.
+    data_mean = data.mean(dim=1, keepdim=True)
+    centred = data - data_mean
+    centred64 = centred.to(torch.float64)
+    # Spec §5.4: tol_abs = tol x mean over features of the population variance of the columns.
+    tolerance = tol * centred64.var(dim=1, unbiased=False).mean(dim=1)
+    return PreparedPoints(centred, centred64, data_mean, tolerance)
 
 
 def kmeans(
@@ -41,8 +88,16 @@ def kmeans(
     points: (P, N, C); initial_centres: (P, K, C). Both are detached and cast to float32.
     sync_every: Lloyd iterations between host checks for finished problems. It changes only
     speed, never results: a finished problem is frozen on the device until the next check.
-    Default: every iteration on the CPU (a check costs nothing there), every 5 on a GPU.
+    Default: every iteration on the CPU (a check costs nothing there), every DEVICE_SYNC_EVERY elsewhere.
     """
+    _check_shapes(points, initial_centres)
+    if points.shape[0] == 0:
+        return _empty_result(points, initial_centres.shape[1])
+    return kmeans_prepared(prepare_points(points, tol), initial_centres, max_iter=max_iter,
+                           sync_every=sync_every)[0]
+
+
+def _check_shapes(points: Tensor, initial_centres: Tensor) -> None:
     if points.dim() != 3 or initial_centres.dim() != 3:
         raise ValueError(
             f"kmeans expects points (P, N, C) and initial_centres (P, K, C), got "
@@ -58,85 +113,160 @@ def kmeans(
     if num_points < num_clusters:
         # sklearn refuses this too (n_samples must be >= n_clusters).
         raise ValueError(f"kmeans needs at least K={num_clusters} points, got N={num_points}")
-    on_host = points.device.type == "cpu"
+
+
+def _empty_result(points: Tensor, num_clusters: int) -> KMeansResult:
+    device, (_, num_points, num_features) = points.device, points.shape
+    return KMeansResult(
+        torch.empty(0, num_clusters, num_features, device=device),
+        torch.empty(0, num_points, dtype=torch.int64, device=device),
+        torch.empty(0, dtype=torch.int64, device=device),
+        torch.empty(0, dtype=torch.bool, device=device),
+    )
+
+
+def _host_branches(device: torch.device, sync_every: int) -> bool:
+    """Whether to skip rare-case work after asking the data (a host read per question).
+
+    Only where the data is on the CPU and finished problems are checked every iteration anyway
+    (the CPU default): there a question costs nothing. Elsewhere, and in the GPU-shaped CPU runs
+    of benchmarks/assigner_cost.py, everything stays branch-free on the device.
+    """
+    return device.type == "cpu" and sync_every == 1
+
+
+def first_step(prepared: PreparedPoints, initial_centres: Tensor) -> FirstStep:
+    """The first Lloyd iteration of each problem from `initial_centres` (see FirstStep)."""
+    centres = initial_centres.detach().to(device=prepared.centred.device, dtype=torch.float32) - prepared.mean
+    labels = _nearest_centre(prepared.centred64, centres)
+    new_centres = _update_centres(prepared.centred, prepared.centred64, centres, labels)
+    return FirstStep(labels, new_centres, _centre_shift(new_centres, centres) <= prepared.tolerance)
+
+
+def _centre_shift(new_centres: Tensor, centres: Tensor) -> Tensor:
+    return (new_centres.to(torch.float64) - centres.to(torch.float64)).square().sum(dim=(1, 2))
+
+
+def kmeans_prepared(
+    prepared: PreparedPoints,
+    initial_centres: Tensor,
+    *,
+    max_iter: int = 300,
+    sync_every: int | None = None,
+    record_first_step: bool = False,
+    relocate_every_iteration: bool = False,
+) -> tuple[KMeansResult, FirstStep | None]:
+    """`kmeans` on prepared points; with record_first_step, also each problem's FirstStep.
+
+    Empty clusters (spec §5.4's relocation) are common in the first iteration (a class's first
+    visit starts with c1 == c2) and rare after it, yet the relocation is most of an M-step's
+    operator launches. So after the first iteration the M-step is the plain one, which also says
+    whether a cluster was empty; such a problem is set aside at the next host check and run again
+    from its initial centres with the relocation in every iteration (relocate_every_iteration,
+    also what the CPU's every-iteration checks use). Results are the same either way.
+    """
+    centres, labels, n_iter, strict, first = _lloyd(prepared, initial_centres, max_iter, sync_every,
+                                                    record_first_step, relocate_every_iteration)
+    return KMeansResult(centres + prepared.mean, labels, n_iter, strict), first
+
+
+def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, sync_every: int | None,
+           record_first_step: bool, relocate_every_iteration: bool):
+    """kmeans_prepared's loop; the centres it returns are centred (the data mean not added back)."""
+    centred, centred64 = prepared.centred, prepared.centred64
+    num_problems, num_points, _ = centred.shape
+    num_clusters = initial_centres.shape[1]
+    device = centred.device
     if sync_every is None:
-        sync_every = 1 if on_host else 5
+        sync_every = 1 if device.type == "cpu" else DEVICE_SYNC_EVERY
     if max_iter < 1 or sync_every < 1:
         raise ValueError("kmeans needs max_iter >= 1 and sync_every >= 1")
-
-    device = points.device
-    if num_problems == 0:
-        return KMeansResult(
-            torch.empty(0, num_clusters, num_features, device=device),
-            torch.empty(0, num_points, dtype=torch.int64, device=device),
-            torch.empty(0, dtype=torch.int64, device=device),
-            torch.empty(0, dtype=torch.bool, device=device),
-        )
-    data = points.detach().to(torch.float32)
-    # Spec §5.4: sklearn centres the data first (neutral mathematically, better float32 rounding);
-    # the init is cast to float32 and shifted by the same mean.
-    data_mean = data.mean(dim=1, keepdim=True)
-    centred = data - data_mean
-    centred64 = centred.to(torch.float64)
+    branch_on_host = _host_branches(device, sync_every)
+    relocate_every_iteration = relocate_every_iteration or branch_on_host
+    data_mean, tolerance = prepared.mean, prepared.tolerance
     centres = initial_centres.detach().to(device=device, dtype=torch.float32) - data_mean
-    # Spec §5.4: tol_abs = tol x mean over features of the population variance of the columns.
-    tolerance = tol * centred64.var(dim=1, unbiased=False).mean(dim=1)
 
     out_centres = torch.empty_like(centres)
     out_labels = torch.empty(num_problems, num_points, dtype=torch.int64, device=device)
     out_n_iter = torch.empty(num_problems, dtype=torch.int64, device=device)
     out_strict = torch.empty(num_problems, dtype=torch.bool, device=device)
+    first = None
 
-    # Working set: the problems still iterating. It shrinks at host checks, so stragglers do
-    # not make finished problems pay for more iterations.
-    working = torch.arange(num_problems, device=device)
+    # Working set: the problems still iterating (their indices, on the host). It shrinks at host
+    # checks, so stragglers do not make finished problems pay for more iterations.
+    working = list(range(num_problems))
+    set_aside: list[int] = []  # problems that met an empty cluster after the first iteration
     previous_labels = torch.full((num_problems, num_points), -1, dtype=torch.int64, device=device)
     n_iter = torch.zeros(num_problems, dtype=torch.int64, device=device)
     strict = torch.zeros(num_problems, dtype=torch.bool, device=device)
     done = torch.zeros(num_problems, dtype=torch.bool, device=device)
+    met_empty = torch.zeros(num_problems, dtype=torch.bool, device=device)
 
     for iteration in range(max_iter):
-        labels = _nearest_centre(centred64, centres, on_host)
-        new_centres = _update_centres(centred, centred64, centres, labels, on_host)
-        centre_shift = (new_centres.to(torch.float64) - centres.to(torch.float64)).square().sum(
-            dim=(1, 2)
-        )
+        labels = _nearest_centre(centred64, centres)
+        if iteration == 0 or relocate_every_iteration:
+            new_centres = _update_centres(centred, centred64, centres, labels, branch_on_host)
+        else:
+            new_centres, had_empty = _plain_means(centred64, labels, num_clusters)
+            met_empty = met_empty | (~done & had_empty)
+        centre_shift = _centre_shift(new_centres, centres)
 
         # Per-problem stopping rules (spec §5.4); finished problems are frozen with where().
         active = ~done
         labels_unchanged = (labels == previous_labels).all(dim=1)
+        stopped = labels_unchanged | (centre_shift <= tolerance)
+        if iteration == 0 and record_first_step:
+            first = FirstStep(labels, new_centres, stopped)
         centres = torch.where(active[:, None, None], new_centres, centres)
         previous_labels = torch.where(active[:, None], labels, previous_labels)
         n_iter = n_iter + active.to(torch.int64)
         strict = strict | (active & labels_unchanged)
-        done = done | (active & (labels_unchanged | (centre_shift <= tolerance)))
+        done = done | (active & stopped)
 
         last_iteration = iteration == max_iter - 1
         if not last_iteration and (iteration + 1) % sync_every != 0:
             continue
-        finished = torch.ones_like(done) if last_iteration else done
-        finished_host = finished.cpu()  # the only host sync of the loop
-        if not bool(finished_host.any()):
-            continue
-        finished_index = finished_host.nonzero().squeeze(1).to(device)
-        _write_results(
-            finished_index, working, centred64, centres, previous_labels, n_iter, strict,
-            out_centres, out_labels, out_n_iter, out_strict,
-        )
-        if bool(finished_host.all()):
+        # The loop's one host read: which problems are finished (all at the last iteration),
+        # and which met an empty cluster the plain M-step did not relocate.
+        if relocate_every_iteration:
+            finished_flags, empty_flags = done.tolist(), [False] * len(working)
+        else:
+            finished_flags, empty_flags = torch.stack([done, met_empty]).tolist()
+        if last_iteration:
+            finished_flags = [True] * len(working)
+        set_aside += [working[row] for row, empty in enumerate(empty_flags) if empty]
+        finished_rows = [row for row, (finished, empty) in enumerate(zip(finished_flags, empty_flags))
+                         if finished and not empty]
+        kept_rows = [row for row, (finished, empty) in enumerate(zip(finished_flags, empty_flags))
+                     if not finished and not empty]
+        if finished_rows:
+            _write_results(
+                torch.tensor(finished_rows, device=device), torch.tensor([working[row] for row in finished_rows],
+                                                                         device=device),
+                centred64, centres, previous_labels, n_iter, strict, out_centres, out_labels, out_n_iter, out_strict,
+            )
+        if not kept_rows:
             break
-        keep = (~finished_host).nonzero().squeeze(1).to(device)
-        working = working[keep]
+        if len(kept_rows) == len(working):
+            continue
+        working = [working[row] for row in kept_rows]
+        keep = torch.tensor(kept_rows, device=device)
         centred, centred64 = centred[keep], centred64[keep]
         centres, previous_labels = centres[keep], previous_labels[keep]
         n_iter, strict, done, tolerance = n_iter[keep], strict[keep], done[keep], tolerance[keep]
+        met_empty = met_empty[keep]
 
-    return KMeansResult(out_centres + data_mean, out_labels, out_n_iter, out_strict)
+    if set_aside:
+        again = torch.tensor(set_aside, device=device)
+        redone = _lloyd(prepared.select(again), initial_centres[again.to(initial_centres.device)], max_iter,
+                        sync_every, False, True)
+        out_centres[again], out_labels[again], out_n_iter[again], out_strict[again] = redone[:4]
+    return out_centres, out_labels, out_n_iter, out_strict, first
 
 
 def _write_results(
     finished_index: Tensor,
-    working: Tensor,
+    target: Tensor,
     centred64: Tensor,
     centres: Tensor,
     previous_labels: Tensor,
@@ -155,54 +285,61 @@ def _write_results(
     final_labels = torch.where(
         final_strict[:, None],
         previous_labels[finished_index],
-        _nearest_centre(centred64[finished_index], final_centres, centres.device.type == "cpu"),
+        _nearest_centre(centred64[finished_index], final_centres),
     )
-    target = working[finished_index]
     out_centres[target] = final_centres
     out_labels[target] = final_labels
     out_n_iter[target] = n_iter[finished_index]
     out_strict[target] = final_strict
 
 
-def _nearest_centre(points64: Tensor, centres: Tensor, on_host: bool = False) -> Tensor:
-    """E-step: the index of the nearest centre, ties to the lowest index (spec §5.4).
-
-    on_host: the tensors are on the CPU, where asking whether a rare case occurs costs nothing,
-    so its branch-free handling (written for GPUs) is skipped when it does not.
-    """
+def _nearest_centre(points64: Tensor, centres: Tensor) -> Tensor:
+    """E-step: the index of the nearest centre, ties to the lowest index (spec §5.4)."""
     centres64 = centres.to(torch.float64)
     # ||x - c||^2 minus the per-point constant ||x||^2, which does not change the argmin.
     distances = centres64.square().sum(dim=2)[:, None, :] - 2.0 * torch.bmm(
         points64, centres64.transpose(1, 2)
     )
     # Identical centres (a class's first visit, spec §5.3: c1 == c2) must tie exactly so that
-    # the lowest index wins; copy the column rather than trust the matmul to round alike.
+    # the lowest index wins; copy the column of the first identical centre rather than trust the
+    # matmul to round alike. (== is transitive, so this is the pairwise copy done all at once.)
     num_clusters = centres.shape[1]
-    for later in range(1, num_clusters):
-        for earlier in range(later):
-            same_centre = (centres[:, earlier] == centres[:, later]).all(dim=1)
-            if on_host and not bool(same_centre.any()):
-                continue
-            distances[:, :, later] = torch.where(
-                same_centre[:, None], distances[:, :, earlier], distances[:, :, later]
-            )
+    same = (centres[:, :, None, :] == centres[:, None, :, :]).all(dim=3)  # [p, j, i]: c_j == c_i
+    same = same | torch.eye(num_clusters, dtype=torch.bool, device=centres.device)
+    first_same = same.to(torch.uint8).argmax(dim=2)  # the first i with c_i == c_j: i <= j
+    distances = distances.gather(2, first_same[:, None, :].expand(-1, points64.shape[1], -1))
     # torch.argmin returns the first minimal index: ties go to the lowest cluster (strict <).
     return distances.argmin(dim=2)
 
 
+def _cluster_sums(points64: Tensor, labels: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
+    """Per cluster: the sum of its points (P, K, C) and their number (P, K), float64."""
+    cluster_index = torch.arange(num_clusters, device=labels.device)
+    # One-hot by comparison: no host sync and no atomics on GPUs (unlike one_hot/scatter_add).
+    membership = (labels[:, :, None] == cluster_index).to(torch.float64)  # (P, N, K)
+    return torch.bmm(membership.transpose(1, 2), points64), membership.sum(dim=1)
+
+
+def _plain_means(points64: Tensor, labels: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
+    """The M-step where no cluster is empty, and whether one was: (float32 centres, (P,) bool).
+
+    Equal to `_update_centres` wherever no cluster is empty (its relocation then changes
+    nothing); where one is, the centres are wrong and the flag says so.
+    """
+    sums, counts = _cluster_sums(points64, labels, num_clusters)
+    return (sums / counts[:, :, None]).to(torch.float32), (counts == 0).any(dim=1)
+
+
 def _update_centres(points: Tensor, points64: Tensor, centres: Tensor, labels: Tensor,
-                    on_host: bool = False) -> Tensor:
+                    branch_on_host: bool = False) -> Tensor:
     """M-step with sklearn's empty-cluster relocation (spec §5.4); returns float32 centres."""
     num_features = points.shape[2]
     num_clusters = centres.shape[1]
     cluster_index = torch.arange(num_clusters, device=labels.device)
-    # One-hot by comparison: no host sync and no atomics on GPUs (unlike one_hot/scatter_add).
-    membership = (labels[:, :, None] == cluster_index).to(torch.float64)  # (P, N, K)
-    sums = torch.bmm(membership.transpose(1, 2), points64)  # (P, K, C)
-    counts = membership.sum(dim=1)  # (P, K)
+    sums, counts = _cluster_sums(points64, labels, num_clusters)
 
     empty = counts == 0
-    if on_host and not bool(empty.any()):  # the usual case: no relocation, plain means
+    if branch_on_host and not bool(empty.any()):  # the usual case: no relocation, plain means
         return (sums / counts[:, :, None]).to(torch.float32)
     # Distances of each point to the centre it was assigned in this E-step, explicit in float32
     # as in sklearn; built in place to keep one (P, N, C) temporary.

@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .kmeans import KMeansResult, kmeans
+from .kmeans import FirstStep, KMeansResult, PreparedPoints, first_step, kmeans, kmeans_prepared, prepare_points
 
 MODES = ("sequential", "batched")
+# How the sequential mode is computed; both give the reference's results exactly (tests compare).
+SEQUENTIAL_ENGINES = ("speculative", "per_image")
 
 # Cluster indices of spec §5.3 step 5, fixed by the order of the initial centres (step 3).
 UNIVERSUM, FAKE_TARGET, REAL_TARGET = 0, 1, 2
@@ -39,11 +42,18 @@ class TargetSampleAssigner:
     """The TSA with its persistent state: M0, r0, class anchors M_{k+1} and counts r_k (spec §5.2).
 
     mode="sequential" (default) is the reference: images are processed in batch order and the
-    anchor updates of image i are seen by image i+1 (one K-means problem at a time).
-    mode="batched" clusters all images of the batch in one K-means call, every image starting
-    from the anchors at batch start; the anchor updates are then applied in batch order. A class
-    met for the first time in the batch is initialized (step 2) before clustering, by its first
-    image in the batch, so every image of that class starts from that image's z.
+    anchor updates of image i are seen by image i+1. Two engines compute it, with the same
+    results (tests compare them on random and on real-feature batches):
+      "speculative" (default): K-means for many images at once, then a check, in batch order,
+        that each image's run is the one the sequential order makes (see
+        `_cluster_speculative`); images that fail the check are run again. Few kernel launches
+        and host synchronisations per batch, which is what a GPU needs (issue 12).
+      "per_image": one K-means problem at a time, the definition written out.
+    mode="batched" (not the reference) clusters all images of the batch in one K-means call,
+    every image starting from the anchors at batch start; the anchor updates are then applied in
+    batch order. A class met for the first time in the batch is initialized (step 2) before
+    clustering, by its first image in the batch, so every image of that class starts from that
+    image's z.
 
     use_assigner=False is the "no TSA" ablation (spec §9.5), read as: no clustering and no
     anchors; each image with at least n_t pixels is valid, its target set is n_t pixels drawn
@@ -63,6 +73,7 @@ class TargetSampleAssigner:
         source_samples: int = 32,
         target_samples: int = 32,
         mode: str = "sequential",
+        sequential_engine: str = "speculative",
         use_assigner: bool = True,
         generator: torch.Generator | None = None,
         seed: int = 0,
@@ -73,6 +84,9 @@ class TargetSampleAssigner:
     ):
         if mode not in MODES:
             raise ValueError(f"TargetSampleAssigner mode must be one of {MODES}, got {mode!r}")
+        if sequential_engine not in SEQUENTIAL_ENGINES:
+            raise ValueError(f"TargetSampleAssigner sequential_engine must be one of {SEQUENTIAL_ENGINES}, "
+                             f"got {sequential_engine!r}")
         if source_samples < 1 or target_samples < 1:
             raise ValueError("TargetSampleAssigner needs source_samples and target_samples >= 1")
         if generator is None:
@@ -85,6 +99,7 @@ class TargetSampleAssigner:
         self.source_samples = source_samples  # n_s: z plus n_s − 1 fake rows
         self.target_samples = target_samples  # n_t
         self.mode = mode
+        self.sequential_engine = sequential_engine
         self.use_assigner = use_assigner
         self.generator = generator
         # None clusters on the features' own device; "cpu" mirrors the reference's CPU copy.
@@ -133,54 +148,113 @@ class TargetSampleAssigner:
         if not self.use_assigner:
             return self._sample_without_assigner(pixel_rows, source_features)
 
-        source_cpu64 = source_features.detach().to(device="cpu", dtype=torch.float64)
+        source64 = source_features.detach().to(device="cpu", dtype=torch.float64).numpy()
         device = self.clustering_device or features.device
         points = pixel_rows.detach().to(device=device, dtype=torch.float32)
-        if self.mode == "sequential":
-            cluster_labels = self._cluster_sequential(points, source_cpu64, class_labels)
+        anchors = _Anchors.of(self)
+        if self.mode == "batched":
+            cluster_labels = self._cluster_batched(points, source64, class_labels, anchors)
+        elif self.sequential_engine == "per_image":
+            cluster_labels = self._cluster_per_image(points, source64, class_labels, anchors)
         else:
-            cluster_labels = self._cluster_batched(points, source_cpu64, class_labels)
+            cluster_labels = self._cluster_speculative(points, source64, class_labels, anchors)
+        anchors.store(self)  # only now: a batch that fails part-way leaves the state as it was
         return self._sample_subsets(pixel_rows, source_features, cluster_labels)
 
     # -- clustering and anchor updates (spec §5.3 steps 1-4) ----------------------------------
 
-    def _cluster_sequential(
-        self, points: Tensor, source_cpu64: Tensor, class_labels: list[int]
-    ) -> Tensor:
+    def _cluster_per_image(self, points: Tensor, source64: np.ndarray, class_labels: list[int],
+                           anchors: "_Anchors") -> Tensor:
         cluster_labels = []
         for image, k in enumerate(class_labels):
-            self._visit_class(k, source_cpu64[image])
-            initial = self._initial_centres(source_cpu64[image], k)
-            result = self._kmeans(points[image : image + 1], initial[None])
-            self._update_anchors(k, result.centres[0].to(device="cpu", dtype=torch.float64))
-            cluster_labels.append(result.labels[0].cpu())
+            anchors.visit(k, source64[image])
+            initial = anchors.initial_centres(k, source64[image])
+            result = self._kmeans(points[image : image + 1], torch.from_numpy(initial)[None])
+            anchors.update(k, result.centres[0].to(device="cpu", dtype=torch.float64).numpy())
+            cluster_labels.append(result.labels[0])
         return torch.stack(cluster_labels)
 
-    def _cluster_batched(
-        self, points: Tensor, source_cpu64: Tensor, class_labels: list[int]
-    ) -> Tensor:
+    def _cluster_speculative(self, points: Tensor, source64: np.ndarray, class_labels: list[int],
+                             anchors: "_Anchors") -> Tensor:
+        """The sequential semantics from a few batched K-means calls (issue 12).
+
+        Image i's K-means starts from [M0, z_i, M_{k+1}] as they stand after images 0..i-1. Its
+        run depends on those initial centres only through its first Lloyd iteration
+        (kmeans.FirstStep: the first labels, the first centres after relocation, the first stop
+        test). So:
+          1. Images are run in generations: generation g holds the (g+1)-th image of each class
+             in the batch. A generation's class anchors follow exactly from the generations
+             before it; M0, which every image moves a little, is taken from the images already
+             run (a guess).
+          2. Then, in batch order, the true initial centres of every image are replayed from
+             the batch-start state with every image's final centres (`_replay`: the same
+             arithmetic as the per-image engine), and every image's first iteration from its
+             true centres is compared, exactly, with the one its run made. Up to the first
+             mismatch all runs are the sequential ones; from the first mismatch on, the images
+             that failed are run again from their replayed centres (the first of them is then
+             exact) and the check repeats after it. The K-means problems of one call are
+             independent (kmeans_prepared), so a run's result does not depend on its company.
+        """
+        batch_size, num_points, num_features = points.shape
+        device = points.device
+        prepared = prepare_points(points, self.kmeans_tol)
+        generation, seen = [], {}
+        for k in class_labels:
+            generation.append(seen.get(k, 0))
+            seen[k] = generation[-1] + 1
+        cluster_labels = torch.empty(batch_size, num_points, dtype=torch.int64, device=device)
+        recorded = FirstStep(
+            torch.empty(batch_size, num_points, dtype=torch.int64, device=device),
+            torch.empty(batch_size, len(CLUSTERS), num_features, dtype=torch.float32, device=device),
+            torch.empty(batch_size, dtype=torch.bool, device=device),
+        )
+        finals = np.zeros((batch_size, len(CLUSTERS), num_features))
+        known = np.zeros(batch_size, dtype=bool)
+
+        def run(images: list[int], initial: np.ndarray) -> None:
+            index = torch.tensor(images, device=device)
+            result, first = kmeans_prepared(
+                prepared.select(index), torch.from_numpy(initial), max_iter=self.kmeans_max_iter,
+                sync_every=self.kmeans_sync_every, record_first_step=True)
+            cluster_labels[index] = result.labels
+            for buffer, value in zip(recorded, first):
+                buffer[index] = value
+            finals[images] = result.centres.to(device="cpu", dtype=torch.float64).numpy()
+            known[images] = True
+
+        for current in range(max(generation) + 1):
+            images = [image for image, g in enumerate(generation) if g == current]
+            run(images, _replay(anchors, class_labels, source64, finals, known)[0][images])
+
+        checked_before = 0  # images before it are known to be the sequential runs
+        while True:
+            initial, final_state = _replay(anchors, class_labels, source64, finals, known)
+            pending = list(range(checked_before, batch_size))
+            if not pending:
+                break
+            agree = _same_first_steps(prepared, recorded, pending, initial[pending])
+            if all(agree):
+                break
+            redo = [image for image, same in zip(pending, agree) if not same]
+            run(redo, initial[redo])
+            checked_before = redo[0] + 1  # redo[0] started from its true centres
+        anchors.replace_with(final_state)
+        return cluster_labels
+
+    def _cluster_batched(self, points: Tensor, source64: np.ndarray, class_labels: list[int],
+                         anchors: "_Anchors") -> Tensor:
         initial = []
         for image, k in enumerate(class_labels):
             # First visits are applied before clustering, in batch order, so a class new to
             # this batch starts every one of its images from its first image's z. M0 and the
             # other anchors are still those of the batch start.
-            self._visit_class(k, source_cpu64[image])
-            initial.append(self._initial_centres(source_cpu64[image], k))
-        result = self._kmeans(points, torch.stack(initial))
-        centres_cpu64 = result.centres.to(device="cpu", dtype=torch.float64)
+            anchors.visit(k, source64[image])
+            initial.append(anchors.initial_centres(k, source64[image]))
+        result = self._kmeans(points, torch.from_numpy(np.stack(initial)))
+        centres = result.centres.to(device="cpu", dtype=torch.float64).numpy()
         for image, k in enumerate(class_labels):
-            self._update_anchors(k, centres_cpu64[image])
-        return result.labels.cpu()
-
-    def _visit_class(self, k: int, source_feature: Tensor) -> None:
-        """Spec §5.3 step 2: a class's first visit sets its anchor to z exactly (no ε)."""
-        if int(self.class_counts[k]) == 0:
-            self.class_counts[k] = 1
-            self.class_anchors[k] = source_feature
-
-    def _initial_centres(self, source_feature: Tensor, k: int) -> Tensor:
-        """Spec §5.3 step 3: [M0, z_i, M_{k+1}] in this order (float64; K-means casts)."""
-        return torch.stack([self.universum_anchor, source_feature, self.class_anchors[k]])
+            anchors.update(k, centres[image])
+        return result.labels
 
     def _kmeans(self, points: Tensor, initial_centres: Tensor) -> KMeansResult:
         return kmeans(
@@ -191,51 +265,37 @@ class TargetSampleAssigner:
             sync_every=self.kmeans_sync_every,
         )
 
-    def _update_anchors(self, k: int, centres: Tensor) -> None:
-        """Spec §5.3 step 4: cumulative means; the class anchor follows cluster 1's centroid."""
-        self.class_counts[k] += 1
-        count = int(self.class_counts[k])
-        self.class_anchors[k] = (
-            self.class_anchors[k] * (count - 1) / count + centres[FAKE_TARGET] / count
-        )
-        # The zero initialization of M0 is not counted: the first update gives M0 = ĉ0.
-        self.universum_count += 1
-        count = self.universum_count
-        self.universum_anchor = (
-            self.universum_anchor * (count - 1) / count + centres[UNIVERSUM] / count
-        )
-
     # -- sampling (spec §5.3 steps 5-7) --------------------------------------------------------
 
     def _sample_subsets(
         self, pixel_rows: Tensor, source_features: Tensor, cluster_labels: Tensor
     ) -> TargetSamples:
         num_fake = self.source_samples - 1
-        subset_sizes = torch.stack(
-            [(cluster_labels == cluster).sum(dim=1) for cluster in CLUSTERS], dim=1
-        )
+        # One read of the labels to the host; the per-image index work is host work from here.
+        labels_host = cluster_labels.cpu().numpy()
+        sizes = np.stack([(labels_host == cluster).sum(axis=1) for cluster in CLUSTERS], axis=1)
         valid_images, fake_picks, real_picks = [], [], []
-        for image in range(cluster_labels.shape[0]):
-            _, fake_size, real_size = (int(size) for size in subset_sizes[image])
+        for image, (_, fake_size, real_size) in enumerate(sizes.tolist()):
             # Spec §5.3 step 6: valid iff |T^t| >= n_t and |T^f| >= n_s − 1.
             if real_size < self.target_samples or fake_size < num_fake:
                 continue
-            fake_pixels = (cluster_labels[image] == FAKE_TARGET).nonzero().squeeze(1)
-            real_pixels = (cluster_labels[image] == REAL_TARGET).nonzero().squeeze(1)
+            fake_pixels = torch.from_numpy(np.flatnonzero(labels_host[image] == FAKE_TARGET))
+            real_pixels = torch.from_numpy(np.flatnonzero(labels_host[image] == REAL_TARGET))
             # Shuffle, then take the first rows: fake first, then real, as the reference.
             fake_picks.append(fake_pixels[self._permutation(fake_size)[:num_fake]])
             real_picks.append(real_pixels[self._permutation(real_size)[: self.target_samples]])
             valid_images.append(image)
 
-        universum_image, universum_pixel = (cluster_labels == UNIVERSUM).nonzero(as_tuple=True)
+        universum_image, universum_pixel = np.nonzero(labels_host == UNIVERSUM)  # row-major order
         device = pixel_rows.device
-        universum = pixel_rows[universum_image.to(device), universum_pixel.to(device)]
+        universum = pixel_rows[torch.from_numpy(universum_image).to(device),
+                               torch.from_numpy(universum_pixel).to(device)]
         valid_index = torch.tensor(valid_images, dtype=torch.int64)
         source, target = self._gather_pairs(
             pixel_rows, source_features, valid_index, fake_picks, real_picks, num_fake
         )
         return TargetSamples(
-            source, target, universum, len(valid_images), valid_index, subset_sizes
+            source, target, universum, len(valid_images), valid_index, torch.from_numpy(sizes.astype(np.int64))
         )
 
     def _sample_without_assigner(
@@ -307,6 +367,85 @@ class TargetSampleAssigner:
         self.class_anchors = class_anchors.to(cpu, torch.float64).clone()
         self.class_counts = state["class_counts"].to(cpu, torch.int64).clone()
         self.generator.set_state(state["generator_state"])
+
+
+class _Anchors:
+    """The state of spec §5.2 as float64 numpy arrays, with the per-image steps 2-4 of §5.3.
+
+    The one implementation of the state's arithmetic, for every engine. The assigner keeps it
+    as torch tensors (its attributes, its checkpoints); `of` copies them in at a batch's start,
+    `store` writes the result back at its end.
+    """
+
+    def __init__(self, universum: np.ndarray, universum_count: int, classes: np.ndarray, counts: np.ndarray):
+        self.universum = universum  # M0 (C,)
+        self.universum_count = universum_count  # r0
+        self.classes = classes  # M_{k+1} (K, C)
+        self.counts = counts  # r_k (K,); 0 means unset
+
+    @classmethod
+    def of(cls, assigner: TargetSampleAssigner) -> "_Anchors":
+        return cls(assigner.universum_anchor.numpy().copy(), int(assigner.universum_count),
+                   assigner.class_anchors.numpy().copy(), assigner.class_counts.numpy().copy())
+
+    def copy(self) -> "_Anchors":
+        return _Anchors(self.universum.copy(), self.universum_count, self.classes.copy(), self.counts.copy())
+
+    def replace_with(self, other: "_Anchors") -> None:
+        self.universum, self.universum_count = other.universum, other.universum_count
+        self.classes, self.counts = other.classes, other.counts
+
+    def store(self, assigner: TargetSampleAssigner) -> None:
+        assigner.universum_anchor = torch.from_numpy(self.universum)
+        assigner.universum_count = self.universum_count
+        assigner.class_anchors = torch.from_numpy(self.classes)
+        assigner.class_counts = torch.from_numpy(self.counts)
+
+    def visit(self, k: int, source_feature: np.ndarray) -> None:
+        """Spec §5.3 step 2: a class's first visit sets its anchor to z exactly (no ε)."""
+        if self.counts[k] == 0:
+            self.counts[k] = 1
+            self.classes[k] = source_feature
+
+    def initial_centres(self, k: int, source_feature: np.ndarray) -> np.ndarray:
+        """Spec §5.3 step 3: [M0, z_i, M_{k+1}] in this order (float64; K-means casts)."""
+        return np.stack([self.universum, source_feature, self.classes[k]])
+
+    def update(self, k: int, centres: np.ndarray) -> None:
+        """Spec §5.3 step 4: cumulative means; the class anchor follows cluster 1's centroid."""
+        self.counts[k] += 1
+        count = int(self.counts[k])
+        self.classes[k] = self.classes[k] * (count - 1) / count + centres[FAKE_TARGET] / count
+        # The zero initialization of M0 is not counted: the first update gives M0 = ĉ0.
+        self.universum_count += 1
+        count = self.universum_count
+        self.universum = self.universum * (count - 1) / count + centres[UNIVERSUM] / count
+
+
+def _replay(start: _Anchors, class_labels: list[int], source64: np.ndarray, finals: np.ndarray,
+            known: np.ndarray) -> tuple[np.ndarray, _Anchors]:
+    """Steps 2-4 in batch order from `start`, with image i's final centres finals[i] where
+    known[i] (an image not run yet adds no update): each image's initial centres, and the state
+    after the batch. With every image known this is the sequential state, exactly."""
+    state = start.copy()
+    initial = np.empty((len(class_labels), len(CLUSTERS), source64.shape[1]))
+    for image, k in enumerate(class_labels):
+        state.visit(k, source64[image])
+        initial[image] = state.initial_centres(k, source64[image])
+        if known[image]:
+            state.update(k, finals[image])
+    return initial, state
+
+
+def _same_first_steps(prepared: PreparedPoints, recorded: FirstStep, images: list[int],
+                      initial: np.ndarray) -> list[bool]:
+    """Per image: does its first Lloyd iteration from `initial` equal the recorded one, exactly?"""
+    index = torch.tensor(images, device=recorded.labels.device)
+    truth = first_step(prepared.select(index), torch.from_numpy(initial))
+    same = ((truth.labels == recorded.labels[index]).all(dim=1)
+            & (truth.centres == recorded.centres[index]).flatten(1).all(dim=1)
+            & (truth.stopped == recorded.stopped[index]))
+    return same.tolist()  # the check's one host read
 
 
 def _stack_picks(picks: list[Tensor], per_image: int) -> Tensor:
