@@ -28,5 +28,7 @@ log="$out/gpu_table4.log"
       --precision bf16 --channels-last "$@"
   python3 benchmarks/train_step.py --methods cam --uda none,mmd --sequential-engine per_image --steps 5 --warmup 2 "$@"
   python3 benchmarks/train_step.py --methods cam --uda none,mmd --assigner-mode batched --steps 10 --warmup 3 "$@"
+  # The TSA alone on one batch's features, per engine (last: the least needed if time runs out).
+  (cd benchmarks && python3 gpu_tsa_probe.py)
   date -u
 } 2>&1 | tee "$log"

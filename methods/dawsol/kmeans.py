@@ -158,12 +158,13 @@ def kmeans_prepared(
 ) -> tuple[KMeansResult, FirstStep | None]:
     """`kmeans` on prepared points; with record_first_step, also each problem's FirstStep.
 
-    Empty clusters (spec §5.4's relocation) are common in the first iteration (a class's first
-    visit starts with c1 == c2) and rare after it, yet the relocation is most of an M-step's
-    operator launches. So after the first iteration the M-step is the plain one, which also says
-    whether a cluster was empty; such a problem is set aside at the next host check and run again
-    from its initial centres with the relocation in every iteration (relocate_every_iteration,
-    also what the CPU's every-iteration checks use). Results are the same either way.
+    Empty clusters (spec §5.4's relocation) and identical centres (the E-step's tie rule) are
+    common in the first iteration (a class's first visit starts with c1 == c2) and rare after it,
+    yet handling them is most of an iteration's operator launches. So after the first iteration
+    the E- and M-steps are the plain ones, which also say whether two centres were identical or a
+    cluster empty; such a problem is set aside at the next host check and run again from its
+    initial centres with the full steps in every iteration (relocate_every_iteration, also what
+    the CPU's every-iteration checks use). Results are the same either way.
     """
     centres, labels, n_iter, strict, first = _lloyd(prepared, initial_centres, max_iter, sync_every,
                                                     record_first_step, relocate_every_iteration)
@@ -203,16 +204,17 @@ def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, syn
     met_empty = torch.zeros(num_problems, dtype=torch.bool, device=device)
 
     for iteration in range(max_iter):
-        labels = _nearest_centre(centred64, centres)
+        active = ~done
         if iteration == 0 or relocate_every_iteration:
+            labels = _nearest_centre(centred64, centres)
             new_centres = _update_centres(centred, centred64, centres, labels, branch_on_host)
         else:
+            labels, had_tie = _nearest_centre_without_ties(centred64, centres)
             new_centres, had_empty = _plain_means(centred64, labels, num_clusters)
-            met_empty = met_empty | (~done & had_empty)
+            met_empty = met_empty | (active & (had_tie | had_empty))
         centre_shift = _centre_shift(new_centres, centres)
 
         # Per-problem stopping rules (spec §5.4); finished problems are frozen with where().
-        active = ~done
         labels_unchanged = (labels == previous_labels).all(dim=1)
         stopped = labels_unchanged | (centre_shift <= tolerance)
         if iteration == 0 and record_first_step:
@@ -291,6 +293,20 @@ def _write_results(
     out_labels[target] = final_labels
     out_n_iter[target] = n_iter[finished_index]
     out_strict[target] = final_strict
+
+
+def _nearest_centre_without_ties(points64: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """The E-step where no two centres are identical, and whether two were: (labels, (P,) bool).
+
+    Equal to `_nearest_centre` wherever no two centres are identical (its tie copy then changes
+    nothing). Identical centres come from a class's first visit (iteration 1, handled in full)
+    and hardly ever later; a problem where they occur is run again like one with an empty
+    cluster (kmeans_prepared).
+    """
+    centres64 = centres.to(torch.float64)
+    distances = centres64.square().sum(dim=2)[:, None, :] - 2.0 * torch.bmm(points64, centres64.transpose(1, 2))
+    same = (centres[:, :, None, :] == centres[:, None, :, :]).all(dim=3)  # the diagonal is always true
+    return distances.argmin(dim=2), same.sum(dim=(1, 2)) > centres.shape[1]
 
 
 def _nearest_centre(points64: Tensor, centres: Tensor) -> Tensor:
