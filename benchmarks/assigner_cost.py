@@ -4,10 +4,11 @@ reference does.
 
     python benchmarks/assigner_cost.py [--mode sequential|batched] [--engine speculative|per_image] [--sync-every 3] [--batch 32]
                                        [--pixels 784] [--channels 2048] [--classes 200] [--seed 0] [--json]
+                                       [--features synthetic|network] [--warmup-batches 1] [--drawn-classes 16]
 
 One call of `TargetSampleAssigner.assign` on a (B, N, C) = (32, 784, 2048) batch (ResNet50's
-28x28 feature map at batch 32), after one warm-up call on other features so that class anchors
-exist as they do in training, is run under torch.profiler (CPU) and counted. K-means checks for
+28x28 feature map at batch 32), after --warmup-batches calls (1) on other features so that class
+anchors exist as they do in training, is run under torch.profiler (CPU) and counted. K-means checks for
 finished problems every --sync-every iterations, 3 by default (kmeans.DEVICE_SYNC_EVERY): what it does on a GPU, whose cost
 this stands for (on the CPU it checks every iteration, a check costing nothing there).
 
@@ -90,6 +91,39 @@ def make_batch(batch: int, pixels: int, channels: int, classes: int, generator: 
     return features, features.mean(dim=(2, 3)), labels
 
 
+NETWORK_CHANNELS = 256  # resnet10_half's last feature map
+
+
+class NetworkBatches:
+    """Batches of a randomly initialised resnet10_half's features on rendered synthetic images
+    (224 px, 28x28 maps), labels drawn from --drawn-classes classes of --classes."""
+
+    def __init__(self, args, generator: torch.Generator):
+        from wsolbench.methods.backbones import build_backbone
+
+        torch.manual_seed(args.seed)
+        self.backbone = build_backbone("resnet10_half", large_feature_map=True).eval()
+        self.args, self.generator, self.rendered = args, generator, 0
+
+    def __call__(self):
+        import numpy as np
+
+        from wsolbench.datasets.synthetic import render_sample
+
+        args = self.args
+        labels = torch.randint(0, min(args.classes, args.drawn_classes), (args.batch,), generator=self.generator)
+        images = []
+        for class_index in labels.tolist():
+            sample = render_sample(args.seed, "train", class_index, self.rendered, num_classes=args.classes)
+            self.rendered += 1
+            pixels = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float()[None] / 255.0
+            images.append(torch.nn.functional.interpolate(pixels, size=(224, 224), mode="bilinear",
+                                                          align_corners=False)[0])
+        features, _ = self.backbone((torch.stack(images) - 0.45) / 0.225)
+        features = features.relu()
+        return features, features.mean(dim=(2, 3)), labels
+
+
 def assigner_of(mode: str, args, sync_every: int | None = None, engine: str = "speculative") -> TargetSampleAssigner:
     return TargetSampleAssigner(args.classes, args.channels, source_samples=32, target_samples=32, mode=mode,
                                 sequential_engine=engine, seed=args.seed, kmeans_sync_every=sync_every)
@@ -125,18 +159,31 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=DEVICE_SYNC_EVERY,
                         help=f"K-means iterations between host checks (default {DEVICE_SYNC_EVERY}: what the assigner "
                              "uses on a GPU; on the CPU it checks every iteration)")
+    parser.add_argument("--features", choices=("synthetic", "network"), default="synthetic",
+                        help="synthetic: shaped like a CAM backbone's, 2-3 Lloyd iterations (the default); network: "
+                             "a randomly initialised resnet10_half's 28x28 maps (C=256) of rendered synthetic images, "
+                             "10-30 iterations, as real features take")
+    parser.add_argument("--warmup-batches", type=int, default=1,
+                        help="batches assigned before the measured one (default 1; the state's counts r0, r_k grow "
+                             "with them, and with them how often a speculative first step survives the check)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(args.seed)
-    warm = make_batch(args.batch, args.pixels, args.channels, args.classes, generator, args.drawn_classes)
-    measured = make_batch(args.batch, args.pixels, args.channels, args.classes, generator, args.drawn_classes)
+    if args.features == "network":
+        args.channels = NETWORK_CHANNELS
+        batches = NetworkBatches(args, generator)
+    else:
+        batches = lambda: make_batch(args.batch, args.pixels, args.channels, args.classes, generator,  # noqa: E731
+                                     args.drawn_classes)
     # The candidate runs as it would on a GPU (--sync-every); the reference as on the CPU.
     candidate = assigner_of(args.mode, args, args.sync_every, args.engine)
     reference = assigner_of("sequential", args, engine="per_image")
     with torch.no_grad():
-        candidate.assign(*warm)
-        reference.assign(*warm)
+        for _ in range(args.warmup_batches):
+            candidate.assign(*batches())
+        reference.load_state_dict(candidate.state_dict())  # the same state (and shuffles) from here
+        measured = batches()
         host = HostReads()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, host:
             out = candidate.assign(*measured)
@@ -161,7 +208,7 @@ def main() -> None:
         print(f"  same assignments as the reference: {same}")
     print(json.dumps({"ops_per_call": len(top_level), "syncs_per_call": syncs, "same_assignments": same,
                       "syncs_old_definition": syncs_old_definition,
-                      "mode": args.mode, "engine": args.engine if args.mode == "sequential" else None, "sync_every": args.sync_every, "seed": args.seed, "drawn_classes": args.drawn_classes, "batch": args.batch, "pixels": args.pixels, "channels": args.channels,
+                      "mode": args.mode, "engine": args.engine if args.mode == "sequential" else None, "sync_every": args.sync_every, "features": args.features, "warmup_batches": args.warmup_batches, "seed": args.seed, "drawn_classes": args.drawn_classes, "batch": args.batch, "pixels": args.pixels, "channels": args.channels,
                       "sync_breakdown": {**sync_ops, **host.counts}}))
 
 
