@@ -1,7 +1,7 @@
 """Tune DA-WSOL's λ1/λ2 on the val split with Optuna: each trial a run folder, the study in a storage.
 
     wsolbench tune --study-dir runs/tune-cub-cam-mmd --dataset CUB --data-root ... --method cam --uda mmd \\
-                   --n-trials 30 [--storage sqlite:///... | journal:PATH] [--timeout SECONDS]
+                   --n-trials 30 [--storage sqlite:///... | postgresql://... | journal:PATH] [--timeout SECONDS]
 
 The study samples `lambda1` and `lambda2` log-uniformly (TPE, seeded) in the ranges given; every
 other setting is the config of `wsolbench train` (the same flags, TOML keys and recipe), fixed for
@@ -13,8 +13,8 @@ The objective is the last epoch's val figure: MaxBoxAccV2 (`maxboxacc_v2`; `maxb
 to a MedianPruner that prunes only once DA-WSOL has trained (a 1-based epoch > start_epoch + 1).
 
 Sharing and resuming (any number of `wsolbench tune` processes on one storage and study dir):
-- A trial is claimed under a study lock (an flock beside the storage file, or in the study dir for
-  a database server): the worker fails stale trials, counts COMPLETE + PRUNED + RUNNING trials and
+- A trial is claimed under a study lock (an flock beside the storage file, in the study dir for
+  a database server, or a PostgreSQL advisory lock on a PostgreSQL server): the worker fails stale trials, counts COMPLETE + PRUNED + RUNNING trials and
   only then creates its trial, so `--n-trials N` is the number of finished (COMPLETE or PRUNED)
   trials in the study, over every invocation and worker, never exceeded. A worker whose N is
   reached by trials still running elsewhere waits for them, so that one dying is still retried.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import math
 import os
 import socket
@@ -216,6 +217,54 @@ class StudyLock:
         self._file.close()
 
 
+class AdvisoryLock:
+    """The study lock on a PostgreSQL server: a session advisory lock keyed by the study's name.
+
+    Workers that share only the database (on other machines) then exclude one another without
+    a shared file system's flock, and a worker that dies releases the lock with its connection.
+    Same interface as StudyLock."""
+
+    def __init__(self, url: str, study_name: str):
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.key = int.from_bytes(hashlib.sha256(f"wsolbench tune {study_name}".encode()).digest()[:8], "big",
+                                  signed=True)
+        self._engine = create_engine(url, poolclass=NullPool)
+        # Autocommit: the lock is held by the session, not by a transaction left open for hours.
+        self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self.held = False
+
+    def _call(self, function: str) -> None:
+        from sqlalchemy import text
+
+        self._connection.execute(text(f"SELECT {function}(:key)"), {"key": self.key})
+
+    def acquire(self) -> None:
+        self._call("pg_advisory_lock")
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._call("pg_advisory_unlock")
+
+    def close(self) -> None:
+        self.release()
+        self._connection.close()
+        self._engine.dispose()
+
+
+def open_study_lock(spec: StorageSpec, study_name: str) -> StudyLock | AdvisoryLock:
+    """An advisory lock on a PostgreSQL storage, else the flock of spec.lock_path."""
+    if spec.kind == "rdb":
+        from sqlalchemy.engine import make_url
+
+        if make_url(spec.location).get_backend_name() == "postgresql":
+            return AdvisoryLock(spec.location, study_name)
+    return StudyLock(spec.lock_path)
+
+
 # ---- stale trials on the journal storage ------------------------------------------------------------
 
 def process_is_alive(pid: int) -> bool:
@@ -348,7 +397,8 @@ def _check_joins(saved: dict[str, Any], current: dict[str, Any], study_name: str
 
 
 def join_study(storage: optuna.storages.BaseStorage, study_name: str, record: dict[str, Any],
-               settings: TuneSettings, pruner: optuna.pruners.BasePruner, lock: StudyLock) -> tuple[optuna.Study, int]:
+               settings: TuneSettings, pruner: optuna.pruners.BasePruner,
+               lock: StudyLock | AdvisoryLock) -> tuple[optuna.Study, int]:
     """Create or load the study, check its settings, register this worker; returns the study with
     this worker's seeded sampler, and the worker's number (0 for the first to join)."""
     lock.acquire()
@@ -473,13 +523,20 @@ def tune(base: TrainConfig, settings: TuneSettings, log: Log = print,
     pretrained_sha256 = sha256_of_file(weights) if weights is not None else None
     spec = storage_spec(settings.storage, study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(spec, settings)
     study_name = settings.study_name or default_study_name(base)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup_trials,
                                           n_warmup_steps=pruning_warmup_steps(base))
               if settings.prune else optuna.pruners.NopPruner())
-    lock = StudyLock(spec.lock_path)
+    lock = open_study_lock(spec, study_name)
     try:
+        # Under the study lock: Optuna creates its tables when a storage is first opened, and
+        # workers started together on a fresh PostgreSQL database otherwise fail on each other's
+        # CREATE TABLE (IntegrityError; 1-2 of 3 processes, measured).
+        lock.acquire()
+        try:
+            storage = open_storage(spec, settings)
+        finally:
+            lock.release()
         study, worker = join_study(storage, study_name, _study_record(base, metric, settings, pretrained_sha256),
                                    settings, pruner, lock)
     except BaseException:

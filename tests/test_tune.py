@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import glob
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,11 +29,95 @@ from wsolbench.datasets import synthetic
 from wsolbench.errors import WsolbenchError
 from wsolbench.experiment import fit, train_and_evaluate
 from wsolbench.runfolder import RunFolder
-from wsolbench.tune import TuneSettings, pruning_warmup_steps, storage_spec, tune
+from wsolbench.tune import AdvisoryLock, TuneSettings, pruning_warmup_steps, storage_spec, tune
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 EPOCHS = 2
+
+
+# ---- a throwaway PostgreSQL server (Debian's postgresql: initdb, pg_ctl) ---------------------------
+
+def _postgres_tool(name: str) -> str | None:
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+class PostgresServer:
+    """A PostgreSQL server in a temporary folder, on a loopback port, trusting local connections;
+    run as the `postgres` user when the tests run as root (initdb refuses root)."""
+
+    def __init__(self):
+        self.tools = {name: _postgres_tool(name) for name in ("initdb", "pg_ctl")}
+        self.root = Path(tempfile.mkdtemp(prefix="wsolbench-postgres-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.databases = 0
+
+    def run(self, *command: str) -> None:
+        done = subprocess.run([*self.as_user, *command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command[0]} failed: {done.stdout}{done.stderr}"
+
+    def start(self) -> None:
+        data = self.root / "data"
+        self.run(self.tools["initdb"], "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.run(self.tools["pg_ctl"], "-D", str(data), "-w", "-l", str(self.root / "server.log"), "-o",
+                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_user, self.tools["pg_ctl"], "-D", str(self.root / "data"), "-m", "immediate",
+                        "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def new_database(self) -> str:
+        """A fresh database on the server: its SQLAlchemy URL."""
+        import psycopg2
+
+        self.databases += 1
+        name = f"study{self.databases}"
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {name}")
+        connection.close()
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """The module's PostgreSQL server; CI (WSOLBENCH_REQUIRE_POSTGRES=1) fails rather than skips."""
+    required = os.environ.get("WSOLBENCH_REQUIRE_POSTGRES") == "1"
+    missing = [name for name in ("initdb", "pg_ctl") if _postgres_tool(name) is None]
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        missing.append("psycopg2 (pip install psycopg2-binary)")
+    if missing:
+        if required:
+            pytest.fail(f"PostgreSQL tests need {', '.join(missing)}")
+        pytest.skip(f"no {', '.join(missing)} here")
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def storage_arguments(storage: str, request) -> tuple[str, ...]:
+    """--storage for a parametrized storage kind: journal, sqlite (the default) or postgresql."""
+    if storage == "journal":
+        return ("--storage", "journal")
+    if storage == "postgresql":
+        return ("--storage", request.getfixturevalue("postgres").new_database())
+    return ()
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +337,10 @@ def start_worker(data: Path, study_dir: Path, *extra: str, **overrides) -> subpr
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_path):
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_path, storage, request):
     study_dir = tmp_path / "shared"
-    args = ("--storage", "journal", "--n-trials", "4")
+    args = (*storage_arguments(storage, request), "--n-trials", "4")
     workers = [start_worker(data, study_dir, *args) for _ in range(2)]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
@@ -270,12 +359,13 @@ def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_p
         assert RunFolder(trial.user_attrs["run_folder"]).read_config()["run_id"] == trial.user_attrs["run_id"]
 
 
-@pytest.mark.parametrize("storage", ["journal", "sqlite"])
-def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(data, tmp_path, storage):
+@pytest.mark.parametrize("storage", ["journal", "sqlite", "postgresql"])
+def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(data, tmp_path, storage, request):
     study_dir = tmp_path / "killed"
     epochs = 5  # long enough to be killed after its first epoch
     stale = ["--heartbeat-interval", "1", "--stale-after", "2"]  # the RDB heartbeat's grace period
-    extra = ["--n-trials", "1", *(["--storage", "journal"] if storage == "journal" else stale)]
+    storage_flags = storage_arguments(storage, request)
+    extra = ["--n-trials", "1", *storage_flags, *([] if storage == "journal" else stale)]
     worker = start_worker(data, study_dir, *extra, epochs=epochs)
     checkpoints = study_dir / "trials"
     deadline = time.monotonic() + 240
@@ -288,8 +378,8 @@ def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(data, 
     trained = folder.read_checkpoint()["history"]  # the epochs a resume starts after
     assert 1 <= len(trained) < epochs
 
-    settings = TuneSettings(study_dir=study_dir, n_trials=1, storage="journal" if storage == "journal" else None,
-                            heartbeat_interval=1, stale_after=2 if storage == "sqlite" else 120)
+    settings = TuneSettings(study_dir=study_dir, n_trials=1, storage=storage_flags[1] if storage_flags else None,
+                            heartbeat_interval=1, stale_after=120 if storage == "journal" else 2)
     logs = []
     record = tune(base_config(data, epochs=epochs), settings, log=logs.append)
     study = load(record)
@@ -327,3 +417,20 @@ def test_lambdas_from_best_json_train_the_studys_setting_and_refuse_another(data
         argv += ["--" + name.replace("_", "-"), str(value)]
     assert main([*argv, "--out", str(tmp_path / "run"), "--dry-run"]) == 2
     assert "--lambda1: --lambdas-from" in capsys.readouterr().err
+
+
+def test_the_postgresql_study_lock_excludes_other_workers_and_dies_with_its_connection(postgres):
+    url = postgres.new_database()
+    first, second = AdvisoryLock(url, "lambda-x"), AdvisoryLock(url, "lambda-x")
+    other_study = AdvisoryLock(url, "lambda-y")
+    first.acquire()
+    other_study.acquire()  # another study's lock is another key
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(), got.set()))
+    waiter.start()
+    assert not got.wait(1.0), "a second worker took the study lock while the first held it"
+    first.close()  # as a dying worker's connection would
+    assert got.wait(30), "the study lock was not handed on when its holder's connection closed"
+    waiter.join()
+    second.close()
+    other_study.close()
