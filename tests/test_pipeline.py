@@ -180,3 +180,49 @@ def test_experiments_take_params_on_the_command_line(repo):
     assert ran(output) <= {"collect", "report"}, output
     shown = dvc(repo, "exp", "show", "--json")
     assert '"baselines-only"' in shown, shown
+
+
+def test_the_training_matrix_runs_in_parallel_from_dvcs_experiment_queue_and_collects_into_one_store(repo):
+    """Two slices of the matrix queued as experiments (DANN cells of CAM and of HAS, new to the
+    repo), run by two queue workers at once; DVC's exp show holds both cells' metrics, and each
+    experiment applied in turn and collected puts both runs into one store, with the same figures."""
+    for method in ("cam", "has"):
+        dvc(repo, "exp", "run", "--queue", "-n", f"queued-{method}-dann", "-S", f"train.methods=[{method}]",
+            "-S", "train.udas=[dann]")
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            status = dvc(repo, "queue", "status")
+            if "Queued" not in status and "Running" not in status:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+    finally:
+        dvc(repo, "queue", "stop", "--kill", check=False)
+    rows = {line.split()[1]: line.split()[-1] for line in status.splitlines() if line.startswith(tuple("0123456789abcdef"))}
+    assert rows.get("queued-cam-dann") == rows.get("queued-has-dann") == "Success", status
+
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    experiments = {rev["name"]: rev.get("data") or {} for commit in shown for exp in (commit.get("experiments") or [])
+                   for rev in exp.get("revs") or [] if rev.get("name")}
+    for method in ("cam", "has"):
+        metrics = experiments[f"queued-{method}-dann"]["metrics"][f"runs/train/{method}-dann-0/metrics.json"]["data"]
+        assert (metrics["method"], metrics["uda"]) == (method, "dann") and 0 <= metrics["maxboxacc_v2"] <= 100
+
+    store = repo / "results" / "queued.duckdb"
+    for method in ("cam", "has"):  # each experiment's run folders, applied in turn, into one store
+        dvc(repo, "exp", "apply", f"queued-{method}-dann")
+        done = subprocess.run(["wsolbench", "collect", "runs/train", "--store", str(store)], cwd=repo,
+                              env=dvc_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    with duckdb.connect(str(store), read_only=True) as con:
+        cells = {Path(row[0]).name: row[1] for row in con.execute(
+            "SELECT folder, run_id FROM runs").fetchall()}
+        metrics = dict(con.execute("SELECT r.run_id, m.value FROM runs r JOIN metrics m USING (run_id) "
+                                   "WHERE m.metric = 'maxboxacc_v2' AND m.split = 'test'").fetchall())
+    assert {"cam-dann-0", "has-dann-0"} <= set(cells), cells
+    for method in ("cam", "has"):
+        shown_value = experiments[f"queued-{method}-dann"]["metrics"][f"runs/train/{method}-dann-0/metrics.json"][
+            "data"]["maxboxacc_v2"]
+        assert metrics[cells[f"{method}-dann-0"]] == pytest.approx(shown_value)
