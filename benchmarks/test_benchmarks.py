@@ -13,7 +13,8 @@ Each benchmark times the project's own code, never a copy of it:
   train_step[M-U]    Trainer.train_step (the method's step through DA-WSOL, backward, the
                      optimiser) of every registered method M with each UDA loss U, resnet10_half at
                      64 px, batch 8, on the CPU; a method added to the registry is benchmarked too
-  tsa_step           the target sample assigner (sequential, the reference) on one batch's features
+  tsa_step           the target sample assigner (sequential: the reference semantics, by the speculative
+                     engine) on one batch's features
   data_loading       one pass of the train DataLoader (PIL decode, the train transform) over 64
                      generated images
   evaluate_start     a whole `wsolbench evaluate` process on one map: its start is most of it

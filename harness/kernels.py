@@ -45,6 +45,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+from wsolbench.errors import WsolbenchError
+
 MODES = ("aot", "jit")
 # The modules that define kernels: all are imported before anything is compiled, so that one
 # module (one cache key) always holds every kernel, whichever of them a process asked for first.
@@ -88,7 +90,7 @@ def compiled(mode: str | None = None) -> SimpleNamespace:
     """The entry-point kernels, compiled (AOT module, or numba JIT dispatchers), by name."""
     mode = mode or os.environ.get("WSOLBENCH_KERNELS", "aot")
     if mode not in MODES:
-        raise ValueError(f"WSOLBENCH_KERNELS must be one of {MODES}, got {mode!r}")
+        raise WsolbenchError(f"WSOLBENCH_KERNELS must be one of {', '.join(MODES)}, got {mode!r}")
     kernels = _compiled.get(mode)
     if kernels is not None:
         return kernels
@@ -159,23 +161,32 @@ def _load_ahead_of_time() -> SimpleNamespace:
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     path = directory / (name + suffix)
     failed = directory / (name + ".failed")
-    if not path.exists():
-        if failed.exists():  # a build for this key failed before: its reason was printed then
-            return _jit()
-        print(f"wsolbench: compiling the evaluator's kernels ahead of time into {directory} "
-              f"(once for this source, numba and CPU; about 10-20 s)", file=sys.stderr, flush=True)
+    if failed.exists():  # a build for this key failed before: its reason was printed then
+        return _jit()
+    if path.exists():
         try:
-            _build(name, directory, suffix)
-        except Exception as error:  # noqa: BLE001 - any failure leaves the JIT, which always works
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            print(f"wsolbench: could not build the kernels ahead of time ({reason}); using numba's JIT",
+            return _import_module(name, path)
+        except Exception as error:  # noqa: BLE001 - a damaged file in the cache: build it again
+            print(f"wsolbench: the cached kernels {path} do not load ({type(error).__name__}); building them again",
                   file=sys.stderr, flush=True)
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                failed.write_text(reason + "\n", encoding="utf-8")
-            except OSError:
-                pass
-            return _jit()
+    print(f"wsolbench: compiling the evaluator's kernels ahead of time into {directory} "
+          f"(once for this source, numba and CPU; about 10-20 s)", file=sys.stderr, flush=True)
+    try:
+        _build(name, directory, suffix)
+        return _import_module(name, path)
+    except Exception as error:  # noqa: BLE001 - any failure leaves the JIT, which always works
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        print(f"wsolbench: could not build the kernels ahead of time ({reason}); using numba's JIT",
+              file=sys.stderr, flush=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            failed.write_text(reason + "\n", encoding="utf-8")
+        except OSError:
+            pass
+        return _jit()
+
+
+def _import_module(name: str, path: Path) -> SimpleNamespace:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -117,7 +117,37 @@ def test_a_failed_ahead_of_time_build_falls_back_to_the_jit_once_and_says_why(tm
     assert (tmp_path / f"wsolbench_kernels_{kernels.cache_key()}.failed").read_text().startswith("OSError")
 
 
-def test_an_unknown_kernel_mode_is_refused(monkeypatch):
-    monkeypatch.setenv("WSOLBENCH_KERNELS", "gpu")
-    with pytest.raises(ValueError, match="WSOLBENCH_KERNELS must be one of"):
-        kernels.compiled()
+def test_a_damaged_cached_module_is_built_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WSOLBENCH_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_compiled", {})
+    damaged = tmp_path / f"wsolbench_kernels_{kernels.cache_key()}{kernels.importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    damaged.write_bytes(b"not a shared object")
+    rebuilt = []
+
+    def build(name, directory, suffix):
+        rebuilt.append(name)
+        raise OSError("stop here")  # the rebuild itself is the first test's business
+
+    monkeypatch.setattr(kernels, "_build", build)
+    assert kernels.compiled("aot").mode == "jit"
+    err = capsys.readouterr().err
+    assert f"the cached kernels {damaged} do not load (ImportError); building them again" in err
+    assert rebuilt and "could not build the kernels ahead of time (OSError: stop here)" in err
+
+
+def test_an_unknown_kernel_mode_is_one_line_error_of_the_command(tmp_path):
+    split = tmp_path / "metadata" / "x" / "test"
+    split.mkdir(parents=True)
+    for name, text in {"image_ids.txt": "a.jpg\n", "class_labels.txt": "a.jpg,0\n", "image_sizes.txt": "a.jpg,8,8\n",
+                       "localization.txt": "a.jpg,1,1,4,4\n"}.items():
+        (split / name).write_text(text)
+    (tmp_path / "maps").mkdir()
+    np.save(tmp_path / "maps" / "a.jpg.npy", np.random.default_rng(0).random((8, 8)))
+    env = dict(os.environ, WSOLBENCH_KERNELS="gpu")
+    done = subprocess.run([sys.executable, "-m", "wsolbench", "evaluate", "--metadata-root", str(tmp_path / "metadata"),
+                           "--dataset", "x", "--split", "test", "--scoremap-root", str(tmp_path / "maps"),
+                           "--image-size", "8"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == \
+        "wsolbench: error: WSOLBENCH_KERNELS must be one of aot, jit, got 'gpu'", done.stderr
