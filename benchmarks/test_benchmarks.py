@@ -13,8 +13,8 @@ Each benchmark times the project's own code, never a copy of it:
   train_step[M-U]    Trainer.train_step (the method's step through DA-WSOL, backward, the
                      optimiser) of every registered method M with each UDA loss U, resnet10_half at
                      64 px, batch 8, on the CPU; a method added to the registry is benchmarked too
-  tsa_step           the target sample assigner (sequential: the reference semantics, by the speculative
-                     engine) on one batch's features
+  tsa_step[E]        the target sample assigner (sequential, the reference semantics) on one
+                     batch's features, by each engine E (per_image: what the CPU runs)
   data_loading       one pass of the train DataLoader (PIL decode, the train transform) over 64
                      generated images
   evaluate_start     a whole `wsolbench evaluate` process on one map: its start is most of it
@@ -37,6 +37,7 @@ from wsolbench.datasets.metadata import MaskAnnotation, SplitMetadata
 from wsolbench.evaluator import SplitEvaluator
 from wsolbench.experiment import build_model
 from wsolbench.methods.base import TrainingProgress
+from wsolbench.methods.dawsol.target_sample_assigner import SEQUENTIAL_ENGINES
 from wsolbench.methods.dawsol.wrapper import UDA_METHODS
 from wsolbench.methods.registry import available_methods
 from wsolbench.trainer import Trainer
@@ -196,8 +197,10 @@ def test_train_step(benchmark, method, uda):
     benchmark.pedantic(trainer.train_step, args=(images, labels, progress), **ROUNDS)
 
 
-def test_tsa_step(benchmark):
+@pytest.mark.parametrize("engine", SEQUENTIAL_ENGINES)
+def test_tsa_step(benchmark, engine):
     trainer, images, labels, progress = _trainer("cam", "mmd")
+    trainer.model.assigner.sequential_engine = engine
     with torch.no_grad():
         out = trainer.model.method.training_step(images, labels, progress)
     features, source = out.features.detach(), out.source_features.detach()

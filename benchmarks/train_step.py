@@ -5,7 +5,7 @@ methods this is the shape of paper Table 4 (spec §7, "model-only" timing).
     python benchmarks/train_step.py [--backbone resnet50] [--image-size 224] [--batch-size 32]
                                     [--precision fp32|bf16] [--channels-last] [--device auto]
                                     [--methods cam,has,acol,spg,adl,cutmix] [--steps 20] [--warmup 5]
-                                    [--assigner-mode sequential|batched] [--sequential-engine speculative|per_image]
+                                    [--assigner-mode sequential|batched] [--sequential-engine auto|speculative|per_image]
 
 "bare" is the floor: the WSOL backbone (layer4 at stride 1), GAP, a linear head, cross-entropy,
 SGD - nothing of wsolbench's method or trainer code. Each other row runs exactly what
@@ -33,7 +33,7 @@ from wsolbench.experiment import build_model, resolve_device
 from wsolbench.scoremaps import postprocess_cam
 from wsolbench.methods.backbones import build_backbone
 from wsolbench.methods.base import TrainingProgress
-from wsolbench.methods.dawsol.target_sample_assigner import SEQUENTIAL_ENGINES
+from wsolbench.methods.dawsol.target_sample_assigner import ENGINE_CHOICES
 from wsolbench.trainer import Trainer
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--methods", default="cam")
     parser.add_argument("--uda", default="none,mmd,dann")
     parser.add_argument("--assigner-mode", default="sequential", choices=("sequential", "batched"))
-    parser.add_argument("--sequential-engine", default="speculative", choices=SEQUENTIAL_ENGINES,
+    parser.add_argument("--sequential-engine", default="auto", choices=ENGINE_CHOICES,
                         help="how the sequential assigner is computed (the same results; per_image: one K-means "
                              "problem at a time, as before issue 12)")
     parser.add_argument("--steps", type=int, default=20)

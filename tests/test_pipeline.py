@@ -213,7 +213,7 @@ def test_the_training_matrix_runs_in_parallel_from_dvcs_experiment_queue_and_col
     store = repo / "results" / "queued.duckdb"
     for method in ("cam", "has"):  # each experiment's run folders, applied in turn, into one store
         dvc(repo, "exp", "apply", f"queued-{method}-dann")
-        done = subprocess.run(["wsolbench", "collect", "runs/train", "--store", str(store)], cwd=repo,
+        done = subprocess.run(["wsolbench", "collect", "runs/train", "runs/best", "--store", str(store)], cwd=repo,
                               env=dvc_env(), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
     with duckdb.connect(str(store), read_only=True) as con:

@@ -181,3 +181,13 @@ def test_speculative_equals_per_image_on_real_feature_batches(sync_every):
 def test_the_engine_is_checked():
     with pytest.raises(ValueError, match="sequential_engine must be one of"):
         TargetSampleAssigner(2, 3, sequential_engine="fast")
+
+
+def test_auto_takes_the_per_image_engine_on_the_cpu(monkeypatch):
+    """On the CPU the speculative engine is the slower one (benchmarks/RESULTS.md); "auto" avoids it."""
+    calls = _Calls(monkeypatch)
+    assigner = TargetSampleAssigner(4, 8, seed=0)
+    assert assigner.sequential_engine == "auto"
+    features, z, labels = _random_batch(torch.Generator().manual_seed(0), 6, 6, 8, drawn_classes=4, num_classes=4)
+    assigner(features, z, labels)
+    assert calls.runs == 0  # kmeans_prepared is the speculative engine's; per_image calls kmeans

@@ -19,7 +19,11 @@ from .kmeans import FirstStep, KMeansResult, PreparedPoints, first_step, kmeans,
 
 MODES = ("sequential", "batched")
 # How the sequential mode is computed; both give the reference's results exactly (tests compare).
+# "auto" picks by the clustering device: speculative off the CPU, where launches and host syncs
+# are the cost; per_image on the CPU, where they cost nothing and the speculative engine's checks
+# and reruns are extra work (1.4-2.2x slower there on network features, benchmarks/RESULTS.md).
 SEQUENTIAL_ENGINES = ("speculative", "per_image")
+ENGINE_CHOICES = ("auto", *SEQUENTIAL_ENGINES)
 
 # Cluster indices of spec §5.3 step 5, fixed by the order of the initial centres (step 3).
 UNIVERSUM, FAKE_TARGET, REAL_TARGET = 0, 1, 2
@@ -43,8 +47,9 @@ class TargetSampleAssigner:
 
     mode="sequential" (default) is the reference: images are processed in batch order and the
     anchor updates of image i are seen by image i+1. Two engines compute it, with the same
-    results (tests compare them on random and on real-feature batches):
-      "speculative" (default): K-means for many images at once, then a check, in batch order,
+    results (tests compare them on random and on real-feature batches); "auto" (default) takes the
+    speculative engine off the CPU and the per-image one on it:
+      "speculative": K-means for many images at once, then a check, in batch order,
         that each image's run is the one the sequential order makes (see
         `_cluster_speculative`); images that fail the check are run again. Few kernel launches
         and host synchronisations per batch, which is what a GPU needs (issue 12).
@@ -73,7 +78,7 @@ class TargetSampleAssigner:
         source_samples: int = 32,
         target_samples: int = 32,
         mode: str = "sequential",
-        sequential_engine: str = "speculative",
+        sequential_engine: str = "auto",
         use_assigner: bool = True,
         generator: torch.Generator | None = None,
         seed: int = 0,
@@ -84,8 +89,8 @@ class TargetSampleAssigner:
     ):
         if mode not in MODES:
             raise ValueError(f"TargetSampleAssigner mode must be one of {MODES}, got {mode!r}")
-        if sequential_engine not in SEQUENTIAL_ENGINES:
-            raise ValueError(f"TargetSampleAssigner sequential_engine must be one of {SEQUENTIAL_ENGINES}, "
+        if sequential_engine not in ENGINE_CHOICES:
+            raise ValueError(f"TargetSampleAssigner sequential_engine must be one of {ENGINE_CHOICES}, "
                              f"got {sequential_engine!r}")
         if source_samples < 1 or target_samples < 1:
             raise ValueError("TargetSampleAssigner needs source_samples and target_samples >= 1")
@@ -154,7 +159,7 @@ class TargetSampleAssigner:
         anchors = _Anchors.of(self)
         if self.mode == "batched":
             cluster_labels = self._cluster_batched(points, source64, class_labels, anchors)
-        elif self.sequential_engine == "per_image":
+        elif self.sequential_engine == "per_image" or (self.sequential_engine == "auto" and device.type == "cpu"):
             cluster_labels = self._cluster_per_image(points, source64, class_labels, anchors)
         else:
             cluster_labels = self._cluster_speculative(points, source64, class_labels, anchors)
