@@ -8,6 +8,8 @@ with S the crop size (224 in the protocol) and R = round(S * 256 / 224) (256 at 
 """
 from __future__ import annotations
 
+import copy
+
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,18 +66,32 @@ def test_transform(crop_size: int = 224) -> Callable:
 class WSOLImageDataset(Dataset):
     """(image tensor, class label, index into metadata.image_ids) for every image of a split."""
 
-    def __init__(self, metadata: SplitMetadata, data_root: str | os.PathLike, transform: Callable):
+    def __init__(self, metadata: SplitMetadata, data_root: str | os.PathLike, transform: Callable,
+                 augmentation_seed: int | None = None):
         self.metadata = metadata
         self.data_root = Path(data_root)
         self.transform = transform
         self.labels = [metadata.class_labels[i] for i in metadata.image_ids]
+        # With a seed, image i's random transform is drawn from (seed, i) alone: the same crop in
+        # whichever loader worker, and on whichever rank, the image lands (harness/distributed.py).
+        self.augmentation_seed = augmentation_seed
+
+    def seeded(self, augmentation_seed: int) -> "WSOLImageDataset":
+        """This dataset with its augmentation drawn per image from `augmentation_seed` (one epoch's)."""
+        view = copy.copy(self)
+        view.augmentation_seed = augmentation_seed
+        return view
 
     def __len__(self) -> int:
         return len(self.metadata.image_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image = load_image(self.data_root / self.metadata.image_ids[index])
-        return self.transform(image), self.labels[index], index
+        if self.augmentation_seed is None:
+            return self.transform(image), self.labels[index], index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.augmentation_seed * 1_000_003 + index) % (2 ** 63))
+            return self.transform(image), self.labels[index], index
 
     def check_images(self, workers: int = 8, progress: Callable[[int], None] | None = None) -> None:
         """Fail before training if an image is missing or its header is unreadable (quick: no decode)."""

@@ -267,7 +267,8 @@ _FIELD_HELP = {
     "use_universum_loss": "the Universum loss L_u (--no-universum-loss: the ablation without it)",
     "use_assigner": "the target sample assigner (--no-assigner: MMD between sampled pixels and z)",
     "epochs": "training epochs",
-    "batch_size": "training batch size",
+    "batch_size": "training batch size: the global batch, divided evenly across the processes under "
+                  "torchrun, so a recipe's 32 means the same on any number of GPUs",
     "lr": "base learning rate",
     "lr_decay_frequency": "LR x0.1 at the start of every 1-indexed epoch divisible by this (spec §6.1)",
     "lr_classifier_ratio": "LR multiplier of the classifier group (spec §3: 10)",
@@ -335,7 +336,10 @@ def _add_train(subparsers) -> None:
                     "test split at the end (last checkpoint), writing metrics.json, history.json, checkpoints "
                     "and test score maps into --out. Defaults come from the spec's recipe for the dataset and "
                     "backbone; a --config file (TOML, or YAML or a section of one; keys: the flags' names with "
-                    "underscores) and flags override them.")
+                    "underscores) and flags override them. Runs unchanged under torchrun (e.g. `torchrun "
+                    "--nproc_per_node 8 -m wsolbench train ...`): DistributedDataParallel, one GPU per process, "
+                    "--batch-size the global batch, BatchNorm over the global batch, val/test scored in shares "
+                    "with exact combined counts, rank 0 writing the run folder.")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last epoch checkpoint")
     p.add_argument("--restart-if-changed", action="store_true",
                    help="with --resume: a folder left by a run of other settings starts over at epoch 0 instead of "
@@ -393,8 +397,17 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(config, resume=args.resume, restart_if_changed=args.restart_if_changed)))
         return 0
-    train_and_evaluate(config, resume=args.resume, log=lambda line: print(line, flush=True),
-                       progress_factory=None if args.quiet else _Bar, restart_if_changed=args.restart_if_changed)
+    from wsolbench import distributed
+
+    # Under torchrun (README "Scaling out"): one process per GPU, this one's place from torchrun's
+    # environment; without it a single process.
+    group = distributed.from_environment(config.device)
+    try:
+        train_and_evaluate(config, resume=args.resume, log=lambda line: print(line, flush=True),
+                           progress_factory=None if args.quiet else _Bar, restart_if_changed=args.restart_if_changed,
+                           group=group)
+    finally:
+        distributed.shutdown(group)
     return 0
 
 

@@ -482,6 +482,25 @@ class SplitEvaluator:
             counts[2 * rows + 1] = best_largest >= 50 / 100
         return counts
 
+    def counts(self) -> dict:
+        """What this evaluator has added, as plain data: its integer counts and the ids it saw.
+        `combine` adds such counts from other evaluators of the split (other ranks' shares)."""
+        with self._lock:
+            return {"counts": self._counts.copy(), "correct": self._correct_classes, "predicted": self._predicted,
+                    "seen": sorted(self._seen)}
+
+    def combine(self, counts: dict) -> None:
+        """Add another evaluator's `counts()` of the same split and settings: integer sums, so the
+        result is exactly the one evaluator that had seen every map would give."""
+        with self._lock:
+            twice = self._seen.intersection(counts["seen"])
+            if twice:
+                raise WsolbenchError(f"{self.metadata.dataset}/{self.metadata.split}: map of {min(twice)!r} added twice")
+            self._seen.update(counts["seen"])
+            self._counts += counts["counts"]
+            self._correct_classes += counts["correct"]
+            self._predicted += counts["predicted"]
+
     def result(self) -> BoxResult | MaskResult:
         meta = self.metadata
         missing = len(meta.image_ids) - len(self._seen)

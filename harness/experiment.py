@@ -17,6 +17,7 @@ epoch's val figures once that epoch's checkpoint and history are written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -27,12 +28,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from wsolbench import __version__, atomic
 from wsolbench.config import TrainConfig, identity_change
 from wsolbench.datasets.images import WSOLImageDataset, test_transform, train_transform
 from wsolbench.datasets.metadata import SplitMetadata, read_split
+from wsolbench.distributed import SINGLE_PROCESS, GlobalBatchSampler, ProcessGroup
 from wsolbench.errors import WsolbenchError
 from wsolbench.evaluator import BoxResult, MaskResult, SplitEvaluator
 from wsolbench.methods import method_class
@@ -91,17 +93,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def data_loader(dataset: WSOLImageDataset, config: TrainConfig, device: torch.device,
-                epoch: int | None = None) -> DataLoader:
-    """The one way wsolbench batches a split: shuffled for training epoch `epoch`, in order
-    (eval batch size) when `epoch` is None."""
+                epoch: int | None = None, group: ProcessGroup = SINGLE_PROCESS) -> DataLoader:
+    """The one way wsolbench batches a split: training epoch `epoch`'s global batches (this rank's
+    share of each, harness/distributed.py), or in order (eval batch size, this rank's contiguous
+    share of the split, no padding) when `epoch` is None."""
+    pin = device.type == "cuda"
     if epoch is None:
-        return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False,
-                          num_workers=config.workers, pin_memory=device.type == "cuda")
-    # The shuffle and the workers' seeds come from (seed, epoch) only, so a resumed run sees the
-    # same batches as an uninterrupted one.
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
-                      num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=False)
+        share = dataset if not group.distributed else Subset(dataset, list(group.share(len(dataset))))
+        return DataLoader(share, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.workers,
+                          pin_memory=pin)
+    # The shuffle and every image's augmentation come from (seed, epoch) only, so a resumed run sees
+    # the same batches as an uninterrupted one, whatever the number of workers or processes.
+    seed = config.seed * 100_003 + epoch
+    return DataLoader(dataset.seeded(seed), batch_sampler=GlobalBatchSampler(len(dataset), config.batch_size, seed, group),
+                      num_workers=config.workers, pin_memory=pin, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -151,11 +156,15 @@ def open_data(config: TrainConfig, with_test: bool = True) -> RunData:
 class Run:
     """The data, model and trainer of one run, and the files it writes."""
 
-    def __init__(self, config: TrainConfig, log: Log = print, with_test: bool = True):
+    def __init__(self, config: TrainConfig, log: Log = print, with_test: bool = True,
+                 group: ProcessGroup = SINGLE_PROCESS):
         self.config = config
         self.log = log
+        self.group = group
         self.folder = RunFolder(config.out)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and group.distributed:
+            self.device = torch.device("cuda", group.local_rank)  # torchrun: one GPU per process
         seed_everything(config.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -171,16 +180,16 @@ class Run:
         # The weights the backbone was loaded from: their sha256 is part of the run's identity.
         self.pretrained = self.method.backbone.pretrained_info
         self.record = run_record(config, self.pretrained.sha256 if self.pretrained is not None else None)
-        self.trainer = Trainer(self.model, config, self.device)
+        self.trainer = Trainer(self.model, config, self.device, group)
         self.history: list[EpochStats] = []
         self.val_history: list[dict[str, Any]] = []
 
     # --- data loaders -------------------------------------------------------------------------
     def train_loader(self, epoch: int) -> DataLoader:
-        return data_loader(self.train_set, self.config, self.device, epoch)
+        return data_loader(self.train_set, self.config, self.device, epoch, self.group)
 
     def eval_loader(self, dataset: WSOLImageDataset) -> DataLoader:
-        return data_loader(dataset, self.config, self.device)
+        return data_loader(dataset, self.config, self.device, group=self.group)
 
     # --- scoring ------------------------------------------------------------------------------
     def score(self, dataset: WSOLImageDataset, save_to: Path | None = None,
@@ -189,7 +198,12 @@ class Run:
 
         Returns the result, the predictions and the wall time per image of the whole path
         (forward pass, map post-processing, evaluation; paper Table 4's test measure, spec §7).
+        Under torchrun each rank scores its share and the evaluators' counts are combined, so every
+        rank returns the whole split's result; when rank 0 saves maps (its `save_to`), every rank's
+        raw maps (small: the feature map's size) go to rank 0, which writes them all.
         """
+        group = self.group
+        save_maps = group.broadcast_object(save_to is not None)
         meta = dataset.metadata
         size = (self.config.image_size, self.config.image_size)
         evaluator = SplitEvaluator(meta, cam_curve_interval=self.config.cam_curve_interval,
@@ -197,11 +211,15 @@ class Run:
                                    image_size=size, with_v1=True)
         predictions: dict[str, int] = {}
 
+        others_maps: dict[str, np.ndarray] = {}  # this rank's raw maps, for rank 0 to write
+
         def finish(image_id: str, cam: np.ndarray, predicted: int) -> None:
             scoremap = postprocess_cam(cam, size)
             evaluator.add(image_id, scoremap, predicted)
-            if save_to is not None:
+            if save_maps and group.is_main:
                 save_scoremap(save_to, image_id, scoremap)
+            elif save_maps:
+                others_maps[image_id] = cam
 
         start = time.perf_counter()
         # The maps are post-processed and evaluated by a thread pool while the next batch runs.
@@ -213,9 +231,21 @@ class Run:
                     predictions[image_id] = int(row.argmax())
                     pending.append(pool.submit(finish, image_id, cam, predictions[image_id]))
                 if progress is not None:
-                    progress(len(indices))
+                    progress(len(indices) * group.world_size)  # rank 0's progress stands for all
             for future in pending:
                 future.result()
+            if group.distributed:
+                for rank, counts in enumerate(group.all_gather_object(evaluator.counts())):
+                    if rank != group.rank:
+                        evaluator.combine(counts)
+                for part in group.all_gather_object(predictions):
+                    predictions.update(part)
+                if save_maps:
+                    def write(image_id: str, cam: np.ndarray) -> None:
+                        save_scoremap(save_to, image_id, postprocess_cam(cam, size))
+                    for part in group.gather_object_to_main(others_maps) or []:
+                        for future in [pool.submit(write, image_id, cam) for image_id, cam in part.items()]:
+                            future.result()
         result = evaluator.result()
         return result, predictions, 1000.0 * (time.perf_counter() - start) / len(meta)
 
@@ -335,27 +365,32 @@ def figures_of(result: BoxResult | MaskResult) -> dict[str, Any]:
 def fit(config: TrainConfig, resume: bool = False, log: Log = print,
         progress_factory: Callable[[str, int], Any] | None = None,
         on_val: Callable[[int, dict[str, Any]], None] | None = None, with_test: bool = True,
-        restart_if_changed: bool = False) -> Run:
+        restart_if_changed: bool = False, group: ProcessGroup = SINGLE_PROCESS) -> Run:
     """Train a model as `config` says, scoring val at the recipe's cadence, and write config.json,
     the checkpoint and history.json every epoch; returns the trained Run (not scored on test).
 
     `on_val(epoch, figures)` is called with the 1-based epoch number (history.json's) and its val
     figures, after that epoch's checkpoint and history are written: an exception raised there (a
     pruned Optuna trial) leaves a folder that `resume` continues from the next epoch. Without
-    `with_test` the test split is never opened (`open_data`)."""
+    `with_test` the test split is never opened (`open_data`).
+
+    Under torchrun (`group`) every rank trains and scores its share; rank 0 alone checks and writes
+    the folder and logs, and a --resume's checkpoint is read there and broadcast."""
     folder = RunFolder(config.out)
-    check_folder_can_start(folder, resume)
-    run = Run(config, log, with_test)
-    state = resume_state(folder, run.identity, run.device, restart_if_changed, log) if resume else None
+    if not group.is_main:
+        log, progress_factory = _silent, None
+    group.on_main(lambda: check_folder_can_start(folder, resume))
+    run = Run(config, log, with_test, group)
+    map_location = run.device if not group.distributed else "cpu"
+    state = group.on_main(lambda: resume_state(folder, run.identity, map_location, restart_if_changed, log)
+                          if resume else None)
     first_epoch = run.restore(state) if state is not None else 0
     # Every check has passed: only now is anything in the folder written.
-    folder.write_config({**run.record, "environment": environment(run.device), "num_classes": run.num_classes,
-                         "profile": run.method.profile, "method_options": vars(run.method.options),
-                         "model": type(run.model).__name__,
-                         "pretrained": run.pretrained.to_record() if run.pretrained is not None else None})
+    if group.is_main:
+        _write_run_config(folder, run)
     log(f"run {folder.path} ({run.record['run_id']}): {config.method}{'' if config.uda == 'none' else '+' + config.uda} "
-        f"on {config.dataset}, {config.backbone}, {len(run.train_set)} train images, device {run.device}, "
-        f"recipe: {config.recipe}")
+        f"on {config.dataset}, {config.backbone}, {len(run.train_set)} train images, device {run.device}"
+        f"{f' x {group.world_size} processes' if group.distributed else ''}, recipe: {config.recipe}")
     if first_epoch:
         log(f"resuming at epoch {first_epoch + 1}/{config.epochs}")
 
@@ -377,32 +412,51 @@ def fit(config: TrainConfig, resume: bool = False, log: Log = print,
             figures = figures_of(result)
             run.val_history.append({"epoch": epoch + 1, **figures})
             line += "  val " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
-        run.save_checkpoint(epoch)
-        folder.write_history([s.to_dict() for s in run.history], run.val_history)
+        if group.is_main:
+            run.save_checkpoint(epoch)
+            folder.write_history([s.to_dict() for s in run.history], run.val_history)
         log(line)
         if figures is not None and on_val is not None:
             on_val(epoch + 1, figures)
     return run
 
 
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _write_run_config(folder: RunFolder, run: Run) -> None:
+    folder.write_config({**run.record, "environment": {**environment(run.device), "processes": run.group.world_size},
+                         "num_classes": run.num_classes,
+                         "profile": run.method.profile, "method_options": vars(run.method.options),
+                         "model": type(run.model).__name__,
+                         "pretrained": run.pretrained.to_record() if run.pretrained is not None else None})
+
+
 def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = print,
                        progress_factory: Callable[[str, int], Any] | None = None,
                        on_val: Callable[[int, dict[str, Any]], None] | None = None,
-                       restart_if_changed: bool = False) -> dict[str, Any]:
-    """Train a model as `config` says (`fit`), score the test split, and write the run folder."""
-    run = fit(config, resume, log, progress_factory, on_val, restart_if_changed=restart_if_changed)
+                       restart_if_changed: bool = False, group: ProcessGroup = SINGLE_PROCESS) -> dict[str, Any]:
+    """Train a model as `config` says (`fit`), score the test split, and write the run folder
+    (rank 0 alone under torchrun; every rank returns the metrics)."""
+    if not group.is_main:
+        log, progress_factory = _silent, None
+    run = fit(config, resume, log, progress_factory, on_val, restart_if_changed=restart_if_changed, group=group)
     folder = run.folder
     start_epoch_da = config.start_epoch if config.uda != "none" else 0
 
     # The test split, scored as the references do: the last checkpoint, thresholds optimised on it.
     bar = progress_factory(f"test {config.test_split}", len(run.test_set)) if progress_factory else None
     maps_root = folder.scoremaps(config.test_split)
-    with atomic.directory(maps_root, replace=True) as tmp_maps:
-        result, predictions, test_ms = run.score(run.test_set, save_to=tmp_maps if config.save_scoremaps else None,
-                                                 progress=bar.update if bar is not None else None)
+    with atomic.directory(maps_root, replace=True) if group.is_main else contextlib.nullcontext() as tmp_maps:
+        result, predictions, test_ms = run.score(
+            run.test_set, save_to=tmp_maps if config.save_scoremaps and group.is_main else None,
+            progress=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
         figures = figures_of(result)
+    if not group.is_main:
+        return {"run_id": run.record["run_id"], **figures}
     if not config.save_scoremaps:
         maps_root.rmdir()
     folder.write_predictions(config.test_split, predictions, run.test_meta.image_ids)
@@ -419,7 +473,8 @@ def train_and_evaluate(config: TrainConfig, resume: bool = False, log: Log = pri
                   "empty_mmd_batches": getattr(model, "empty_domain_batches", None),
                   "note": "val_selected_epoch is the epoch with the best val localization (WE's 'best'); the "
                           "headline figures are the last checkpoint's, as in both references"},
-        **run.record, "environment": environment(run.device), "num_classes": run.num_classes,
+        **run.record, "environment": {**environment(run.device), "processes": run.group.world_size},
+        "num_classes": run.num_classes,
     }
     # Completed: the checkpoint is the final one, which no --resume continues from (runfolder.py), then
     # metrics.json, whose presence says so. Killed between the two, the folder trains again from epoch 0.

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from wsolbench.config import TrainConfig
+from wsolbench.distributed import SINGLE_PROCESS, ProcessGroup, synchronize_batch_norm
 from wsolbench.methods.base import TrainingProgress
 
 
@@ -67,8 +68,25 @@ class EpochStats:
                 "train_ms_per_image": self.ms_per_image, **self.logs}
 
 
+class _TrainingStep(nn.Module):
+    """The model's training step as a forward pass, so that DistributedDataParallel, which hooks
+    forward, reduces its gradients. Returns the loss first, where DDP looks for the graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: TrainingProgress):
+        out = self.model.training_step(images, labels, progress)
+        return out.loss, out
+
+
 class Trainer:
-    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device):
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device,
+                 group: ProcessGroup = SINGLE_PROCESS):
+        self.group = group
+        if group.distributed:  # BN over the global batch (harness/distributed.py), before the optimiser sees it
+            model = synchronize_batch_norm(model, device)
         self.model = model.to(device)
         self.config = config
         self.device = device
@@ -88,6 +106,13 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         else:  # AdamW: for training from scratch (the generated dataset); not in any reference
             self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.step = _TrainingStep(self.model)
+        if group.distributed:
+            # find_unused_parameters: DANN's domain classifier sits out the warm-up epochs, and a
+            # method's branches may skip parameters on some steps.
+            from torch.nn.parallel import DistributedDataParallel
+            self.step = DistributedDataParallel(self.step, device_ids=[device.index] if device.type == "cuda" else None,
+                                                find_unused_parameters=True)
         self.current_lr = config.lr
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                          if config.precision == "bf16" else contextlib.nullcontext())
@@ -97,7 +122,9 @@ class Trainer:
         factor = lr_factor(epoch, self.config.lr_decay_frequency)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * group["lr_multiplier"] * (factor if group["decays"] else 1.0)
-        seed_everything(epoch_seed(self.config.seed, epoch))
+        # Each rank draws its steps' randomness (HaS, CutMix, ADL, dropout) from its own stream;
+        # rank 0's is the single process's.
+        seed_everything((epoch_seed(self.config.seed, epoch) + 1_000_033 * self.group.rank) % (2 ** 31))
         self.current_lr = self.config.lr * factor
         return self.current_lr
 
@@ -106,9 +133,11 @@ class Trainer:
         (through DA-WSOL when wrapped), backward, optimiser step. Returns the step's output
         (loss, logits, logs). The benchmarks time exactly this."""
         with self.autocast:
-            out = self.model.training_step(images, labels, progress)
+            loss, out = self.step(images, labels, progress)
+        if progress.share is not None:  # DDP averages the ranks' gradients: weight by the share
+            loss = loss * progress.share.loss_weight
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         self.optimizer.step()
         return out
 
@@ -118,12 +147,15 @@ class Trainer:
         total_loss, correct, seen = 0.0, 0, 0
         logs_sum: dict[str, float] = {}
         start = time.perf_counter()
+        share_of = getattr(loader.batch_sampler, "share_of", None) if self.group.distributed else None
         for batch_index, (images, labels, _) in enumerate(loader):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.config.channels_last:
                 images = images.to(memory_format=torch.channels_last)
-            out = self.train_step(images, labels, TrainingProgress(epoch, batch_index, iterations, self.config.epochs))
+            share = share_of(batch_index) if share_of is not None else None
+            out = self.train_step(images, labels, TrainingProgress(epoch, batch_index, iterations, self.config.epochs,
+                                                                   share))
             batch = labels.shape[0]
             loss = float(out.loss.detach())
             total_loss += loss * batch
@@ -136,8 +168,18 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        if self.group.distributed:  # the epoch's figures over every rank's images
+            keys = sorted(logs_sum)
+            summed = self.group.all_reduce_sum(torch.tensor([total_loss, correct, seen, *(logs_sum[k] for k in keys)],
+                                                            dtype=torch.float64, device=self._collective_device))
+            total_loss, correct, seen = float(summed[0]), int(summed[1]), int(summed[2])
+            logs_sum = {key: float(value) for key, value in zip(keys, summed[3:])}
         return EpochStats(epoch, self.current_lr, total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, seconds,
                           {key: value / max(seen, 1) for key, value in logs_sum.items()})
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors
 
     @torch.no_grad()
     def predict(self, loader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 from wsolbench.errors import WsolbenchError
 from wsolbench.methods.backbones import Backbone
+
+if TYPE_CHECKING:
+    from wsolbench.distributed import BatchShare
 
 PROFILES = ("DA", "WE")
 CLASSIFIER_LR_MULTIPLIER = 10.0  # lr_classifier_ratio in both references (spec §3, §6.2)
@@ -34,6 +37,9 @@ class TrainingProgress:
     batch_index: int = 0  # 0-based within the epoch
     iterations_per_epoch: int = 1
     num_epochs: int = 1
+    # Under torchrun: this rank's share of the step's global batch (harness/distributed.py); None on
+    # one process. A method's loss is a mean over its batch's images; the trainer weights it.
+    share: "BatchShare | None" = None
 
 
 @dataclass

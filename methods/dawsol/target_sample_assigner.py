@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsolbench.distributed import SINGLE_PROCESS, ProcessGroup
+
 from .kmeans import FirstStep, KMeansResult, PreparedPoints, first_step, kmeans, kmeans_prepared, prepare_points
 
 MODES = ("sequential", "batched")
@@ -40,6 +42,20 @@ class TargetSamples:
     valid_count: int  # V, the number of images valid for L_d (spec §5.3 step 6)
     valid_images: Tensor  # (V,) int64 on the CPU: batch indices of the valid images
     subset_sizes: Tensor | None  # (B, 3) int64 on the CPU: |T^u|, |T^f|, |T^t|; None without TSA
+    # Under torchrun, the same over the step's global batch, of which this rank's images are a
+    # share (the losses' means run over the global batch: DomainAdaptation weights by them); on
+    # one process they equal valid_count, the rows of universum and subset_sizes.
+    batch_valid_count: int = -1
+    batch_universum_rows: int = -1
+    batch_subset_sizes: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_valid_count < 0:
+            self.batch_valid_count = self.valid_count
+        if self.batch_universum_rows < 0:
+            self.batch_universum_rows = int(self.universum.shape[0])
+        if self.batch_subset_sizes is None:
+            self.batch_subset_sizes = self.subset_sizes
 
 
 class TargetSampleAssigner:
@@ -120,13 +136,28 @@ class TargetSampleAssigner:
         self.class_anchors = torch.zeros(num_classes, feature_dim, dtype=torch.float64)
         self.class_counts = torch.zeros(num_classes, dtype=torch.int64)  # r_k; 0 means unset
 
-    def __call__(self, features: Tensor, source_features: Tensor, labels: Tensor) -> TargetSamples:
-        return self.assign(features, source_features, labels)
+    def __call__(self, features: Tensor, source_features: Tensor, labels: Tensor,
+                 group: ProcessGroup = SINGLE_PROCESS) -> TargetSamples:
+        return self.assign(features, source_features, labels, group)
 
-    def assign(self, features: Tensor, source_features: Tensor, labels: Tensor) -> TargetSamples:
+    def assign(self, features: Tensor, source_features: Tensor, labels: Tensor,
+               group: ProcessGroup = SINGLE_PROCESS) -> TargetSamples:
         """Split a batch into source, target and Universum rows (spec §5.3) and update the state.
 
         features: F (B, C, h, w), live; source_features: z = GAP(F) (B, C), live; labels: (B,).
+
+        Under torchrun (`group` of several ranks, each holding a contiguous share of the global
+        batch in rank order) the state is the whole run's, identical on every rank. wsolbench
+        decision, beside spec §5.2: every rank gathers the detached features, z and labels of the
+        whole global batch and runs the sequential assignment over it in global batch order, from
+        the same state with the same generator, so every rank makes the same anchor updates and
+        shuffles, and the single process's on the same global batch: image i's updates are seen
+        by image i+1 whichever rank holds it. Each rank then takes its own images' samples from
+        its live features. The cost: the detached features of the global batch are all-gathered
+        each step (float32; 205 MB for ResNet50's 32 x 28 x 28 x 2048) and every rank clusters the
+        whole batch. The cheaper alternative, each rank clustering its share from the step-start
+        state and the updates merged after, would not be the sequential semantics: a rank's first
+        image would not see the updates of the images before it on lower ranks.
         """
         if features.dim() != 4:
             raise ValueError(f"TSA expects features F (B, C, h, w), got {tuple(features.shape)}")
@@ -147,15 +178,21 @@ class TargetSampleAssigner:
 
         # Pixel rows in row-major (row, col) order (spec §5.1): a view, so gradients reach F.
         pixel_rows = features.flatten(2).transpose(1, 2)  # (B, N, C)
-        class_labels = [int(k) for k in labels.detach().cpu().tolist()]
+        # The whole batch's (on one process: this one's): gathered where several ranks share it.
+        batch_labels, offset = group.gather_batch(labels.detach())
+        class_labels = [int(k) for k in batch_labels.cpu().tolist()]
         if any(k < 0 or k >= self.num_classes for k in class_labels):
             raise ValueError(f"TSA labels must lie in [0, {self.num_classes}), got {class_labels}")
         if not self.use_assigner:
-            return self._sample_without_assigner(pixel_rows, source_features)
+            return self._sample_without_assigner(pixel_rows, source_features, len(class_labels), offset)
 
-        source64 = source_features.detach().to(device="cpu", dtype=torch.float64).numpy()
+        batch_source, _ = group.gather_batch(source_features.detach().float())
+        source64 = batch_source.to(device="cpu", dtype=torch.float64).numpy()
         device = self.clustering_device or features.device
-        points = pixel_rows.detach().to(device=device, dtype=torch.float32)
+        batch_rows, _ = group.gather_batch(pixel_rows.detach().float())
+        # Contiguous (B, N, C) whether gathered or not: K-means' float32 sums depend on the layout,
+        # and the gathered batch is contiguous.
+        points = batch_rows.to(device=device, dtype=torch.float32).contiguous()
         anchors = _Anchors.of(self)
         if self.mode == "batched":
             cluster_labels = self._cluster_batched(points, source64, class_labels, anchors)
@@ -164,7 +201,7 @@ class TargetSampleAssigner:
         else:
             cluster_labels = self._cluster_speculative(points, source64, class_labels, anchors)
         anchors.store(self)  # only now: a batch that fails part-way leaves the state as it was
-        return self._sample_subsets(pixel_rows, source_features, cluster_labels)
+        return self._sample_subsets(pixel_rows, source_features, cluster_labels, offset)
 
     # -- clustering and anchor updates (spec §5.3 steps 1-4) ----------------------------------
 
@@ -273,24 +310,36 @@ class TargetSampleAssigner:
     # -- sampling (spec §5.3 steps 5-7) --------------------------------------------------------
 
     def _sample_subsets(
-        self, pixel_rows: Tensor, source_features: Tensor, cluster_labels: Tensor
+        self, pixel_rows: Tensor, source_features: Tensor, cluster_labels: Tensor, offset: int = 0
     ) -> TargetSamples:
+        """Steps 5-7 for the batch's images in order, drawing every image's shuffles (so the
+        generator moves as on one process); the samples are those of this rank's images
+        offset .. offset + len(pixel_rows) - 1 (all of them on one process)."""
         num_fake = self.source_samples - 1
+        local = range(offset, offset + pixel_rows.shape[0])
         # One read of the labels to the host; the per-image index work is host work from here.
         labels_host = cluster_labels.cpu().numpy()
-        sizes = np.stack([(labels_host == cluster).sum(axis=1) for cluster in CLUSTERS], axis=1)
+        batch_sizes = np.stack([(labels_host == cluster).sum(axis=1) for cluster in CLUSTERS], axis=1)
+        batch_valid = 0
         valid_images, fake_picks, real_picks = [], [], []
-        for image, (_, fake_size, real_size) in enumerate(sizes.tolist()):
+        for image, (_, fake_size, real_size) in enumerate(batch_sizes.tolist()):
             # Spec §5.3 step 6: valid iff |T^t| >= n_t and |T^f| >= n_s − 1.
             if real_size < self.target_samples or fake_size < num_fake:
                 continue
             fake_pixels = torch.from_numpy(np.flatnonzero(labels_host[image] == FAKE_TARGET))
             real_pixels = torch.from_numpy(np.flatnonzero(labels_host[image] == REAL_TARGET))
             # Shuffle, then take the first rows: fake first, then real, as the reference.
-            fake_picks.append(fake_pixels[self._permutation(fake_size)[:num_fake]])
-            real_picks.append(real_pixels[self._permutation(real_size)[: self.target_samples]])
-            valid_images.append(image)
+            fake_pick = fake_pixels[self._permutation(fake_size)[:num_fake]]
+            real_pick = real_pixels[self._permutation(real_size)[: self.target_samples]]
+            batch_valid += 1
+            if image in local:
+                fake_picks.append(fake_pick)
+                real_picks.append(real_pick)
+                valid_images.append(image - offset)
 
+        batch_universum = int(batch_sizes[:, UNIVERSUM].sum())
+        labels_host = labels_host[local.start : local.stop]
+        sizes = batch_sizes[local.start : local.stop]
         universum_image, universum_pixel = np.nonzero(labels_host == UNIVERSUM)  # row-major order
         device = pixel_rows.device
         universum = pixel_rows[torch.from_numpy(universum_image).to(device),
@@ -300,19 +349,23 @@ class TargetSampleAssigner:
             pixel_rows, source_features, valid_index, fake_picks, real_picks, num_fake
         )
         return TargetSamples(
-            source, target, universum, len(valid_images), valid_index, torch.from_numpy(sizes.astype(np.int64))
+            source, target, universum, len(valid_images), valid_index, torch.from_numpy(sizes.astype(np.int64)),
+            batch_valid, batch_universum, torch.from_numpy(batch_sizes.astype(np.int64)),
         )
 
     def _sample_without_assigner(
-        self, pixel_rows: Tensor, source_features: Tensor
+        self, pixel_rows: Tensor, source_features: Tensor, batch_size: int, offset: int
     ) -> TargetSamples:
-        """The "no TSA" ablation (spec §9.5), as read in the class docstring."""
-        batch_size, num_pixels, num_features = pixel_rows.shape
+        """The "no TSA" ablation (spec §9.5), as read in the class docstring; every image of the
+        `batch_size`-image batch draws its shuffle, this rank's images start at `offset`."""
+        num_pixels, num_features = pixel_rows.shape[1:]
         valid_images, target_picks = [], []
         if num_pixels >= self.target_samples:
             for image in range(batch_size):
-                target_picks.append(self._permutation(num_pixels)[: self.target_samples])
-                valid_images.append(image)
+                pick = self._permutation(num_pixels)[: self.target_samples]
+                if offset <= image < offset + pixel_rows.shape[0]:
+                    target_picks.append(pick)
+                    valid_images.append(image - offset)
         valid_index = torch.tensor(valid_images, dtype=torch.int64)
         device = pixel_rows.device
         picks = _stack_picks(target_picks, self.target_samples).to(device)
@@ -320,7 +373,8 @@ class TargetSampleAssigner:
         z = source_features[valid_index.to(device)].to(pixel_rows.dtype)
         source = z[:, None, :].expand(-1, self.source_samples, -1)
         universum = pixel_rows[:, :0].reshape(0, num_features)
-        return TargetSamples(source, target, universum, len(valid_images), valid_index, None)
+        return TargetSamples(source, target, universum, len(valid_images), valid_index, None,
+                             batch_size if num_pixels >= self.target_samples else 0, 0)
 
     def _gather_pairs(
         self,

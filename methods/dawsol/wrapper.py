@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from wsolbench.distributed import SINGLE_PROCESS, BatchShare
 from wsolbench.errors import WsolbenchError
 from wsolbench.methods.base import CLASSIFIER_LR_MULTIPLIER, StepOutput, TrainingProgress, WSOLMethod
 from wsolbench.methods.dawsol.dann import DomainClassifier, domain_adversarial_loss, grl_coefficient
@@ -44,6 +45,14 @@ class DomainAdaptationOptions:
     assigner: bool = True
     clustering_device: str | None = None  # None: F's device; "cpu": the reference's placement
     seed: int = 0  # the TSA's sampling generator
+
+
+def _share_weight(share: "BatchShare | None", local: int, total: int) -> float:
+    """1 on one process; under torchrun this rank's weight for a mean over `local` of the global
+    batch's `total` items, divided by the weight the trainer gives the rank's whole loss."""
+    if share is None:
+        return 1.0
+    return share.weight(local, total) / share.loss_weight
 
 
 class DomainAdaptation(nn.Module):
@@ -81,24 +90,35 @@ class DomainAdaptation(nn.Module):
         if out.features is None or out.source_features is None:
             raise WsolbenchError(f"method {self.method.name!r} exposes no feature map for DA-WSOL")
         options = self.options
+        share = progress.share
+        group = share.group if share is not None else SINGLE_PROCESS
         domain_total = out.loss.new_zeros(())
         universum_total = out.loss.new_zeros(())
         valid = 0
         cluster_pixels = [0.0, 0.0, 0.0]
         for target in out.domain_targets:
-            samples = self.assigner.assign(out.features, out.source_features, target.labels)
-            valid += samples.valid_count
-            if samples.subset_sizes is not None:
-                for cluster, size in enumerate(samples.subset_sizes.double().mean(dim=0).tolist()):
+            samples = self.assigner.assign(out.features, out.source_features, target.labels, group)
+            # Counts and logs are the global batch's (the same on every rank under torchrun).
+            valid += samples.batch_valid_count
+            if samples.batch_subset_sizes is not None:
+                for cluster, size in enumerate(samples.batch_subset_sizes.double().mean(dim=0).tolist()):
                     cluster_pixels[cluster] += size / len(out.domain_targets)
-            if samples.valid_count == 0:
+            if samples.batch_valid_count == 0:
                 self.empty_domain_batches += 1
-            if samples.universum.shape[0] == 0 and options.assigner:
+            if samples.batch_universum_rows == 0 and options.assigner:
                 self.empty_universum_batches += 1
+            # L_d is a mean over the batch's valid images and L_u over its Universum rows: a rank's
+            # terms, over its own, are weighted by its share of them, relative to the weight the
+            # trainer gives the whole loss (harness/distributed.py), so the ranks' mean gradient is
+            # the global batch's.
             if options.domain_loss:
-                domain_total = domain_total + target.weight * self._domain_loss(samples.source, samples.target, progress)
+                domain_total = domain_total + target.weight * _share_weight(
+                    share, samples.valid_count, samples.batch_valid_count) * self._domain_loss(
+                    samples.source, samples.target, progress)
             if options.universum_loss:
-                universum_total = universum_total + target.weight * universum_loss(samples.universum)
+                universum_total = universum_total + target.weight * _share_weight(
+                    share, samples.universum.shape[0], samples.batch_universum_rows) * universum_loss(
+                    samples.universum)
         out.loss = out.loss + options.lambda1 * domain_total + options.lambda2 * universum_total
         out.logs.update({
             "L_d": float(domain_total.detach()), "L_u": float(universum_total.detach()),
@@ -106,7 +126,8 @@ class DomainAdaptation(nn.Module):
             "lambda1_L_d": options.lambda1 * float(domain_total.detach()),
             "lambda2_L_u": options.lambda2 * float(universum_total.detach()),
             # Share of (image, labelling) pairs valid for L_d (spec §5.3 step 6).
-            "valid_share": valid / (images.shape[0] * len(out.domain_targets)),
+            "valid_share": valid / ((share.global_images if share is not None else images.shape[0])
+                                    * len(out.domain_targets)),
             # Mean pixels per image in the TSA's three clusters (spec §5.3 step 5), and |M0|.
             "universum_pixels": cluster_pixels[0], "fake_target_pixels": cluster_pixels[1],
             "real_target_pixels": cluster_pixels[2],
