@@ -23,8 +23,10 @@ number of processes (issue 13):
   read there and broadcast, so ranks on other hosts need no view of the run folder.
 
 What still differs from one process: the order of floating-point sums (BN statistics and
-gradients summed in two parts), and the per-step randomness of HaS, CutMix, ADL and dropout, which
-each rank draws from its own stream (rank 0's is the single process's).
+gradients summed in two parts), and the per-step randomness. Every rank draws it from the single
+process's stream, so batch-level draws are the global batch's (CutMix mixes all ranks' shares or
+none, with one box; ADL makes one drop-or-importance choice), but per-image draws repeat across
+ranks at the same place in the share (HaS's grid, dropout), and CutMix pairs images within a share.
 """
 from __future__ import annotations
 
@@ -235,8 +237,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     BatchNorm kernel accumulates: in float32 the gradient of a nearly constant channel was 0.6% off
     on the generated dataset (tests/test_distributed.py compares with one process)."""
 
+    process_group: Any = None  # set by synchronize_batch_norm
+
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Module's name)
-        if not self.training or not dist.is_initialized():
+        if not self.training or self.process_group is None:
             return super().forward(input)
         from torch.distributed.nn.functional import all_reduce
 
@@ -244,11 +248,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         dims = [0, 2, 3]
         values = input.double()
         count = torch.tensor([input.numel() // channels], dtype=torch.float64, device=input.device)
-        sums = all_reduce(torch.cat([values.sum(dim=dims), count]))
+        sums = all_reduce(torch.cat([values.sum(dim=dims), count]), group=self.process_group)
         total = sums[-1]
         mean = sums[:channels] / total
         centred = values - mean[None, :, None, None]
-        variance = all_reduce(centred.square().sum(dim=dims)) / total
+        variance = all_reduce(centred.square().sum(dim=dims), group=self.process_group) / total
         output = centred * torch.rsqrt(variance + self.eps)[None, :, None, None]
         if self.affine:
             output = output * self.weight.double()[None, :, None, None] + self.bias.double()[None, :, None, None]
@@ -264,20 +268,28 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 
 def synchronize_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model with every BatchNorm computing global-batch statistics (module docstring)."""
+    """The model with every BatchNorm computing global-batch statistics (module docstring).
+
+    Their collectives run in a process group of their own. They happen inside the backward pass,
+    while DDP all-reduces gradient buckets as they fill; in one group the two must be issued in the
+    same order on every rank, which follows each rank's autograd order, and DA-WSOL's graphs can
+    differ between ranks (a rank with no valid image has no MMD term). A group of their own keeps
+    them apart whatever the order (one group also passed the tests; this is the safe choice)."""
+    group = dist.new_group(ranks=list(range(dist.get_world_size())))
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _convert(model)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    return _convert(model, group)
 
 
-def _convert(module: nn.Module) -> nn.Module:
+def _convert(module: nn.Module, group: Any) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
         converted = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                       module.track_running_stats)
+        converted.process_group = group
         converted.load_state_dict(module.state_dict())
         converted.train(module.training)
         converted.to(next(iter(module.state_dict().values())).device)
         return converted
     for name, child in module.named_children():
-        setattr(module, name, _convert(child))
+        setattr(module, name, _convert(child, group))
     return module

@@ -122,9 +122,12 @@ class Trainer:
         factor = lr_factor(epoch, self.config.lr_decay_frequency)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * group["lr_multiplier"] * (factor if group["decays"] else 1.0)
-        # Each rank draws its steps' randomness (HaS, CutMix, ADL, dropout) from its own stream;
-        # rank 0's is the single process's.
-        seed_everything((epoch_seed(self.config.seed, epoch) + 1_000_033 * self.group.rank) % (2 ** 31))
+        # Every rank seeds the single process's stream: a step's batch-level draws (CutMix's mix and
+        # box, ADL's drop-or-importance choice) are then the same on every rank, as for one batch
+        # on one process, and so is the step's sequence of collectives (CutMix's two labellings
+        # make two assigner calls). Per-image draws (HaS's grid, dropout) repeat across ranks at the
+        # same place in the share (harness/distributed.py).
+        seed_everything(epoch_seed(self.config.seed, epoch))
         self.current_lr = self.config.lr * factor
         return self.current_lr
 

@@ -77,6 +77,28 @@ def anchors(group: distributed.ProcessGroup, args: dict) -> None:
         Path(args["result"]).write_text(json.dumps({"steps": steps, "figures": figures_of(result)}))
 
 
+def matrix(group: distributed.ProcessGroup, args: dict) -> None:
+    """Every method x uda trains two epochs under DDP (the first a warm-up, where DANN's domain
+    classifier gets no gradient); after each epoch the ranks' weights and TSA states are compared."""
+    cases = []
+    for method, uda in args["cases"]:
+        config = resolve_config({**args["config"], "method": method, "uda": uda})
+        run = Run(config, lambda _: None, True, group)
+        same = []
+        for epoch in range(config.epochs):
+            run.trainer.start_epoch(epoch)
+            stats = run.trainer.train_epoch(run.train_loader(epoch), epoch)
+            state = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
+            if uda != "none":
+                state.update({f"assigner.{k}": v for k, v in run.model.assigner.state_dict().items()})
+            states = group.all_gather_object(state)
+            same.append(all(_equal(states[0], other) for other in states[1:]))
+        cases.append({"method": method, "uda": uda, "same_after_each_epoch": same, "loss": stats.loss,
+                      "logs": stats.logs})
+    if group.is_main:
+        Path(args["result"]).write_text(json.dumps(cases))
+
+
 def killed_after_first_epoch(group: distributed.ProcessGroup, args: dict) -> None:
     """A torchrun job killed at the end of its first epoch (rank 0 dies; torchrun stops the rest)."""
     def log(line: str) -> None:
@@ -86,7 +108,8 @@ def killed_after_first_epoch(group: distributed.ProcessGroup, args: dict) -> Non
 
 
 def _equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
 def plain_data(value):
@@ -101,7 +124,7 @@ def plain_data(value):
     return value
 
 
-MODES = {"tsa": tsa, "score": score, "anchors": anchors, "killed-after-first-epoch": killed_after_first_epoch}
+MODES = {"tsa": tsa, "score": score, "anchors": anchors, "matrix": matrix, "killed-after-first-epoch": killed_after_first_epoch}
 
 if __name__ == "__main__":
     mode, arguments = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())

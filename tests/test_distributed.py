@@ -207,6 +207,22 @@ def test_dawsol_on_two_ranks_keeps_the_anchors_identical_after_every_step_and_tr
         assert 0.0 <= result["figures"][key] <= 100.0, key
 
 
+def test_every_method_with_and_without_dawsol_trains_under_ddp_with_the_ranks_in_step(dataset, tmp_path):
+    """Two epochs each, the first a DA-WSOL warm-up (DANN's domain classifier unused there): the
+    ranks' weights, BN statistics and assigner states are identical after every epoch."""
+    methods = ("cam", "has", "acol", "spg", "adl", "cutmix")
+    cases = [[method, uda] for method in methods for uda in ("none", "mmd", "dann")]
+    values = config_values(dataset, tmp_path / "unused", epochs=2, start_epoch=0, cam_curve_interval=0.01)
+    result = json.loads(worker("matrix", tmp_path, cases=cases, config=values).read_text())
+    assert [[case["method"], case["uda"]] for case in result] == cases
+    for case in result:
+        name = f"{case['method']}+{case['uda']}"
+        assert case["same_after_each_epoch"] == [True, True], name
+        assert case["loss"] == case["loss"] and case["loss"] > 0, name  # finite
+        if case["uda"] != "none":
+            assert "L_d" in case["logs"], name  # DA-WSOL trained in the second epoch
+
+
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_runs_metrics(dataset, tmp_path):
     values = config_values(dataset, tmp_path / "killed", uda="mmd", epochs=2, start_epoch=0)
     argument_file = tmp_path / "kill.json"
@@ -221,3 +237,36 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_runs_metrics(data
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     for key in FIGURES:
         assert resumed[key] == whole[key], key
+
+
+def test_two_hosts_by_torchruns_rendezvous_train_as_two_local_processes_do(dataset, tmp_path):
+    """Two launchers, one process each, meeting at a c10d rendezvous as two hosts would. The second
+    "host" works in another directory, so its relative --out is a folder it never sees written:
+    only rank 0 touches the run folder, and the result is bit for bit the one-host 2-process run's."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    values = {**config_values(dataset, Path("run")), "uda": "mmd"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    hosts = []
+    for node in range(2):
+        (tmp_path / f"host{node}").mkdir()
+        hosts.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "wsolbench-test",
+             "-m", "wsolbench", "train", "--quiet", *cli_flags(values)],
+            cwd=tmp_path / f"host{node}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [host.communicate(timeout=600)[0] for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], outputs
+    written = [tmp_path / f"host{node}" / "run" for node in range(2) if (tmp_path / f"host{node}" / "run").exists()]
+    assert len(written) == 1 and (written[0] / "metrics.json").exists()  # rank 0's host alone
+    torchrun("-m", "wsolbench", "train", "--quiet", *cli_flags({**values, "out": tmp_path / "one-host"}))
+    one_host = json.loads((tmp_path / "one-host" / "metrics.json").read_text())
+    two_hosts = json.loads((written[0] / "metrics.json").read_text())
+    for key in FIGURES:
+        assert two_hosts[key] == one_host[key], key
+    weights = [torch.load(folder / "checkpoints" / "final.pt", weights_only=False)["trainer"]["model"]
+               for folder in (written[0], tmp_path / "one-host")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
