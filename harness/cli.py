@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -772,6 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(only=argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run is not _run_train:
+            # torchrun would start N copies that each did the whole job (README "Scaling out").
+            raise WsolbenchError(f"`wsolbench {argv[0]}` runs as one process; of the subcommands only `train` "
+                                 f"runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']})")
         return args.run(args)
     except WsolbenchError as error:
         print(f"wsolbench: error: {error}", file=sys.stderr)

@@ -270,3 +270,11 @@ def test_two_hosts_by_torchruns_rendezvous_train_as_two_local_processes_do(datas
     weights = [torch.load(folder / "checkpoints" / "final.pt", weights_only=False)["trainer"]["model"]
                for folder in (written[0], tmp_path / "one-host")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_other_subcommands_under_torchrun_are_refused_in_one_line(tmp_path):
+    done = torchrun("-m", "wsolbench", "prepare", "synthetic", "--out", str(tmp_path / "data"), check=False)
+    assert done.returncode != 0
+    assert ("wsolbench: error: `wsolbench prepare` runs as one process; of the subcommands only `train` runs "
+            "under torchrun (WORLD_SIZE=2)") in done.stderr
+    assert not (tmp_path / "data").exists()
