@@ -16,8 +16,9 @@ number of processes (issue 13):
 - Each rank's loss is weighted by its share (`BatchShare.weight`) so that DDP's mean of the ranks'
   gradients is the gradient of the global batch's loss, also for an uneven last batch and for
   DA-WSOL's terms, whose means run over the valid images and Universum rows of the whole batch.
-- Val and test are scored in contiguous shares with no padding image; the evaluator's integer
-  counts are combined across ranks (SplitEvaluator.combined), so the figures are exact.
+- Val and test are scored in contiguous shares of whole eval batches with no padding image, each
+  image in the batch it has on one process; the evaluator's integer counts are combined across
+  ranks (SplitEvaluator.combine), so the figures are one process's exactly.
 - Rank 0 alone writes the run folder, logs and shows progress; the checks that decide whether a
   run may start are made there and their verdict shared (`on_main`), and a --resume's checkpoint is
   read there and broadcast, so ranks on other hosts need no view of the run folder.

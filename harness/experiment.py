@@ -99,7 +99,14 @@ def data_loader(dataset: WSOLImageDataset, config: TrainConfig, device: torch.de
     share of the split, no padding) when `epoch` is None."""
     pin = device.type == "cuda"
     if epoch is None:
-        share = dataset if not group.distributed else Subset(dataset, list(group.share(len(dataset))))
+        share = dataset
+        if group.distributed:
+            # Whole eval batches of the single process's, contiguous, per rank: an image is scored in
+            # the same batch as on one process, so its map has the same last bits (a conv's sums can
+            # depend on the batch an image is in, and PxAP's histograms see them).
+            size = config.eval_batch_size
+            batches = group.share(-(-len(dataset) // size))
+            share = Subset(dataset, list(range(batches.start * size, min(batches.stop * size, len(dataset)))))
         return DataLoader(share, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.workers,
                           pin_memory=pin)
     # The shuffle and every image's augmentation come from (seed, epoch) only, so a resumed run sees
