@@ -598,6 +598,10 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--baseline", type=Path, default=None, help="the baseline file (default DIR/baseline.json)")
     p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline instead of comparing")
     p.add_argument("--runs", type=int, default=3, help="suite runs behind a new baseline (default 3)")
+    p.add_argument("--pool", action="store_true",
+                   help="with --update-baseline: add this host's runs to the machine's entry instead of replacing "
+                        "it, the ratios and thresholds then taken over every host's runs (another VM of the same "
+                        "CPU model whose ratios differ)")
     p.add_argument("--store", type=Path, default=None,
                    help="also record this run's medians and ratios in the DuckDB store (table benchmark_results, "
                         "keyed by commit and machine), for the report's timing history")
@@ -611,11 +615,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     if args.update_baseline:
         path = args.baseline or args.benchmarks / bench.BASELINE_FILE
-        baseline = bench.write_baseline(args.benchmarks, runs=args.runs, log=log, baseline_path=path)
+        baseline = bench.write_baseline(args.benchmarks, runs=args.runs, log=log, baseline_path=path,
+                                        pool=args.pool)
         thresholds = baseline["threshold"].values()
         print(f"wrote {path} for this machine: {len(baseline['ratios'])} benchmarks from {baseline['runs']} runs on "
-              f"{baseline['machine']}; thresholds {min(thresholds):.2f}x-{max(thresholds):.2f}x")
+              f"{baseline['hosts']} host(s) of {baseline['machine']}; thresholds "
+              f"{min(thresholds):.2f}x-{max(thresholds):.2f}x")
         return 0
+    if args.pool:
+        raise WsolbenchError("--pool applies to --update-baseline: pass both")
     report = bench.run_gate(args.benchmarks, args.baseline, log=log)
     if args.store is not None:
         from wsolbench.store import record_benchmarks

@@ -47,6 +47,22 @@ def test_a_baseline_holds_the_median_ratio_spread_and_threshold_of_its_runs(tmp_
     assert list(stored["machines"]) == [bench.machine()] and stored["machines"][bench.machine()] == entry
 
 
+def test_pooled_runs_of_another_host_widen_the_threshold_to_the_spread_between_hosts(tmp_path, monkeypatch):
+    fake_suite(monkeypatch, [medians(a=0.040), medians(a=0.042)])
+    bench.write_baseline(tmp_path, runs=2, log=lambda line: None)
+    fake_suite(monkeypatch, [medians(a=0.056), medians(a=0.054)])  # the same code on a slower host
+    entry = bench.write_baseline(tmp_path, runs=2, log=lambda line: None, pool=True)
+    assert (entry["runs"], entry["hosts"]) == (4, 2)
+    assert entry["spread"]["a"] == pytest.approx(2.8 / 2.0)
+    assert entry["threshold"]["a"] == pytest.approx(1.4)  # the pooled spread, not squared
+    assert entry["ratios"]["a"] == pytest.approx(2.4)  # the median of 2.0, 2.1, 2.7, 2.8
+    fake_suite(monkeypatch, [medians(a=0.056)])  # the slower host again: within the pooled threshold
+    assert not bench.run_gate(tmp_path, log=lambda line: None).failed
+    fake_suite(monkeypatch, [medians(a=0.056), medians(a=0.054)])
+    replaced = bench.write_baseline(tmp_path, runs=2, log=lambda line: None)  # without pool: replaced
+    assert (replaced["runs"], replaced["hosts"]) == (2, 1)
+
+
 def test_a_2x_slowdown_is_caught_and_named_and_noise_within_the_threshold_passes(tmp_path, monkeypatch):
     fake_suite(monkeypatch, [medians(evaluator=0.040, step=0.020), medians(evaluator=0.041, step=0.020),
                              medians(evaluator=0.080, step=0.022),   # 2x evaluator, 1.1x step
