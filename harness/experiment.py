@@ -392,6 +392,8 @@ def fit(config: TrainConfig, resume: bool = False, log: Log = print,
     state = group.on_main(lambda: resume_state(folder, run.identity, map_location, restart_if_changed, log)
                           if resume else None)
     first_epoch = run.restore(state) if state is not None else 0
+    # The global batch's split across the processes (a --batch-size that does not divide is refused here).
+    left_out = run.train_loader(first_epoch).batch_sampler.dropped if group.distributed else 0
     # Every check has passed: only now is anything in the folder written.
     if group.is_main:
         _write_run_config(folder, run)
@@ -400,6 +402,9 @@ def fit(config: TrainConfig, resume: bool = False, log: Log = print,
         f"{f' x {group.world_size} processes' if group.distributed else ''}, recipe: {config.recipe}")
     if first_epoch:
         log(f"resuming at epoch {first_epoch + 1}/{config.epochs}")
+    if left_out:  # the same every epoch: it depends on the split's size only
+        log(f"the last global batch of every epoch holds {left_out} image(s), fewer than the {group.world_size} "
+            f"processes: it is left out (harness/distributed.py)")
 
     for epoch in range(first_epoch, config.epochs):
         lr = run.trainer.start_epoch(epoch)

@@ -289,3 +289,12 @@ def test_other_subcommands_under_torchrun_are_refused_in_one_line(tmp_path):
     assert ("wsolbench: error: `wsolbench prepare` runs as one process; of the subcommands only `train` runs "
             "under torchrun (WORLD_SIZE=2)") in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_batch_size_that_does_not_divide_is_refused_before_the_run_folder_is_written(dataset, tmp_path):
+    values = config_values(dataset, tmp_path / "run", batch_size=7)
+    done = torchrun("-m", "wsolbench", "train", "--quiet", *cli_flags(values), check=False)
+    assert done.returncode != 0
+    assert ("wsolbench: error: --batch-size 7 is the global batch and must divide evenly across the 2 processes"
+            in done.stderr)
+    assert not (tmp_path / "run").exists()
