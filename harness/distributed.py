@@ -138,10 +138,6 @@ class ProcessGroup:
             raise WsolbenchError(value)
         return value
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 def _one_hot_size(tensor: Tensor, group: ProcessGroup) -> Tensor:
     sizes = torch.zeros(group.world_size, dtype=torch.int64, device=tensor.device)

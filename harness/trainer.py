@@ -174,15 +174,11 @@ class Trainer:
         if self.group.distributed:  # the epoch's figures over every rank's images
             keys = sorted(logs_sum)
             summed = self.group.all_reduce_sum(torch.tensor([total_loss, correct, seen, *(logs_sum[k] for k in keys)],
-                                                            dtype=torch.float64, device=self._collective_device))
+                                                            dtype=torch.float64, device=self.device))  # NCCL: on the GPU
             total_loss, correct, seen = float(summed[0]), int(summed[1]), int(summed[2])
             logs_sum = {key: float(value) for key, value in zip(keys, summed[3:])}
         return EpochStats(epoch, self.current_lr, total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, seconds,
                           {key: value / max(seen, 1) for key, value in logs_sum.items()})
-
-    @property
-    def _collective_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors
 
     @torch.no_grad()
     def predict(self, loader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
