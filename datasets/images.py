@@ -90,7 +90,9 @@ class WSOLImageDataset(Dataset):
         if self.augmentation_seed is None:
             return self.transform(image), self.labels[index], index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.augmentation_seed * 1_000_003 + index) % (2 ** 63))
+            # The CPU generator alone (the transforms' only one): torch.manual_seed also seeds every
+            # accelerator and costs 60 us, against 2 us here.
+            torch.default_generator.manual_seed((self.augmentation_seed * 1_000_003 + index) % (2 ** 63))
             return self.transform(image), self.labels[index], index
 
     def check_images(self, workers: int = 8, progress: Callable[[int], None] | None = None) -> None:
