@@ -40,7 +40,8 @@ class _Calls:
 
     def __init__(self, monkeypatch):
         self.runs, self.mismatches, self.set_aside = 0, 0, 0
-        run, check, lloyd = tsa_module.kmeans_prepared, tsa_module._same_first_steps, kmeans_module._lloyd
+        run, check = tsa_module.kmeans_prepared, tsa_module._same_first_steps
+        definition = kmeans_module._lloyd_definition
 
         def counted_run(*args, **kwargs):
             self.runs += 1
@@ -51,13 +52,14 @@ class _Calls:
             self.mismatches += agree.count(False)
             return agree
 
-        def counted_lloyd(prepared, initial, max_iter, sync_every, record, relocate_every_iteration):
-            self.set_aside += relocate_every_iteration and not record and sync_every not in (None, 1)
-            return lloyd(prepared, initial, max_iter, sync_every, record, relocate_every_iteration)
+        def counted_definition(prepared, initial, max_iter, sync_every, record):
+            # The definition loop with sparse checks is only ever the fixed loop's redo.
+            self.set_aside += sync_every != 1
+            return definition(prepared, initial, max_iter, sync_every, record)
 
         monkeypatch.setattr(tsa_module, "kmeans_prepared", counted_run)
         monkeypatch.setattr(tsa_module, "_same_first_steps", counted_check)
-        monkeypatch.setattr(kmeans_module, "_lloyd", counted_lloyd)
+        monkeypatch.setattr(kmeans_module, "_lloyd_definition", counted_definition)
 
 
 def _random_batch(generator, batch, side, channels, drawn_classes, num_classes):

@@ -20,11 +20,16 @@ from torch import Tensor
 
 
 # Lloyd iterations between host checks for finished problems off the CPU (kmeans' sync_every).
-# A check costs one host read (a sync) and a dozen launches to shrink the working set; an
-# iteration costs about 60 launches, and a finished problem waits on average (k - 1) / 2
-# iterations for a check made every k. On a launch-bound GPU the wasted iterations cost more
-# than the syncs; 3 keeps the syncs of a 15-iteration run at 5 (issue 12, benchmarks/RESULTS.md).
+# A check costs one host read (a sync, a few launches' worth of waiting); an iteration of the
+# fixed-size loop costs 27 launches, and the last problem to finish waits on average (k - 1) / 2
+# iterations for a check made every k. 3 keeps both small (issue 12, benchmarks/RESULTS.md).
 DEVICE_SYNC_EVERY = 3
+# The fixed-size loop drops finished problems from its working set only where at least half of
+# it has finished and those hold at least this many bytes of float64 points. A shrink costs about
+# 25 launches; every later iteration then reads those bytes twice less (the E- and M-step
+# matmuls), which outweighs the launches only for large maps: 32 MiB is 2.6 images of ResNet50's
+# 28x28x2048 and 21 of the embedded default's 16x16x128 maps. An estimate, not a measurement.
+SHRINK_MIN_BYTES = 32 * 2**20
 
 
 class KMeansResult(NamedTuple):
@@ -158,13 +163,17 @@ def kmeans_prepared(
 ) -> tuple[KMeansResult, FirstStep | None]:
     """`kmeans` on prepared points; with record_first_step, also each problem's FirstStep.
 
-    Empty clusters (spec §5.4's relocation) and identical centres (the E-step's tie rule) are
-    common in the first iteration (a class's first visit starts with c1 == c2) and rare after it,
-    yet handling them is most of an iteration's operator launches. So after the first iteration
-    the E- and M-steps are the plain ones, which also say whether two centres were identical or a
-    cluster empty; such a problem is set aside at the next host check and run again from its
-    initial centres with the full steps in every iteration (relocate_every_iteration, also what
-    the CPU's every-iteration checks use). Results are the same either way.
+    Two loops compute the same results (tests compare them):
+      `_lloyd_definition`: the full E- and M-steps of spec §5.4 in every iteration (ties between
+        identical centres, empty-cluster relocation), finished problems leaving the working set
+        at every host check. The CPU's loop (relocate_every_iteration, or checks every
+        iteration), and the one a problem set aside by the other loop is run again with.
+      `_lloyd_fixed`: off the CPU. The first iteration in full (a class's first visit starts with
+        c1 == c2 and leaves a cluster empty, spec §5.3), then a fixed-size iteration of 27
+        operator launches and no host synchronisation (issue 12): the plain E- and M-steps, which
+        cannot relocate or break ties, so a problem whose centres become identical or whose
+        cluster empties (its mean is then 0/0 = NaN) is set aside and run again by the
+        definition loop.
     """
     centres, labels, n_iter, strict, first = _lloyd(prepared, initial_centres, max_iter, sync_every,
                                                     record_first_step, relocate_every_iteration)
@@ -174,18 +183,25 @@ def kmeans_prepared(
 def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, sync_every: int | None,
            record_first_step: bool, relocate_every_iteration: bool):
     """kmeans_prepared's loop; the centres it returns are centred (the data mean not added back)."""
-    centred, centred64 = prepared.centred, prepared.centred64
-    num_problems, num_points, _ = centred.shape
-    num_clusters = initial_centres.shape[1]
-    device = centred.device
+    device = prepared.centred.device
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else DEVICE_SYNC_EVERY
     if max_iter < 1 or sync_every < 1:
         raise ValueError("kmeans needs max_iter >= 1 and sync_every >= 1")
+    if relocate_every_iteration or _host_branches(device, sync_every):
+        return _lloyd_definition(prepared, initial_centres, max_iter, sync_every, record_first_step)
+    return _lloyd_fixed(prepared, initial_centres, max_iter, sync_every, record_first_step)
+
+
+def _lloyd_definition(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, sync_every: int,
+                      record_first_step: bool):
+    """Spec §5.4 written out: the full steps in every iteration (see kmeans_prepared)."""
+    centred, centred64 = prepared.centred, prepared.centred64
+    num_problems, num_points, _ = centred.shape
+    device = centred.device
     branch_on_host = _host_branches(device, sync_every)
-    relocate_every_iteration = relocate_every_iteration or branch_on_host
-    data_mean, tolerance = prepared.mean, prepared.tolerance
-    centres = initial_centres.detach().to(device=device, dtype=torch.float32) - data_mean
+    tolerance = prepared.tolerance
+    centres = initial_centres.detach().to(device=device, dtype=torch.float32) - prepared.mean
 
     out_centres = torch.empty_like(centres)
     out_labels = torch.empty(num_problems, num_points, dtype=torch.int64, device=device)
@@ -196,22 +212,15 @@ def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, syn
     # Working set: the problems still iterating (their indices, on the host). It shrinks at host
     # checks, so stragglers do not make finished problems pay for more iterations.
     working = list(range(num_problems))
-    set_aside: list[int] = []  # problems that met an empty cluster after the first iteration
     previous_labels = torch.full((num_problems, num_points), -1, dtype=torch.int64, device=device)
     n_iter = torch.zeros(num_problems, dtype=torch.int64, device=device)
     strict = torch.zeros(num_problems, dtype=torch.bool, device=device)
     done = torch.zeros(num_problems, dtype=torch.bool, device=device)
-    met_empty = torch.zeros(num_problems, dtype=torch.bool, device=device)
 
     for iteration in range(max_iter):
         active = ~done
-        if iteration == 0 or relocate_every_iteration:
-            labels = _nearest_centre(centred64, centres)
-            new_centres = _update_centres(centred, centred64, centres, labels, branch_on_host)
-        else:
-            labels, had_tie = _nearest_centre_without_ties(centred64, centres)
-            new_centres, had_empty = _plain_means(centred64, labels, num_clusters)
-            met_empty = met_empty | (active & (had_tie | had_empty))
+        labels = _nearest_centre(centred64, centres)
+        new_centres = _update_centres(centred, centred64, centres, labels, branch_on_host)
         centre_shift = _centre_shift(new_centres, centres)
 
         # Per-problem stopping rules (spec §5.4); finished problems are frozen with where().
@@ -228,19 +237,10 @@ def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, syn
         last_iteration = iteration == max_iter - 1
         if not last_iteration and (iteration + 1) % sync_every != 0:
             continue
-        # The loop's one host read: which problems are finished (all at the last iteration),
-        # and which met an empty cluster the plain M-step did not relocate.
-        if relocate_every_iteration:
-            finished_flags, empty_flags = done.tolist(), [False] * len(working)
-        else:
-            finished_flags, empty_flags = torch.stack([done, met_empty]).tolist()
-        if last_iteration:
-            finished_flags = [True] * len(working)
-        set_aside += [working[row] for row, empty in enumerate(empty_flags) if empty]
-        finished_rows = [row for row, (finished, empty) in enumerate(zip(finished_flags, empty_flags))
-                         if finished and not empty]
-        kept_rows = [row for row, (finished, empty) in enumerate(zip(finished_flags, empty_flags))
-                     if not finished and not empty]
+        # The loop's one host read: which problems are finished (all at the last iteration).
+        finished_flags = [True] * len(working) if last_iteration else done.tolist()
+        finished_rows = [row for row, finished in enumerate(finished_flags) if finished]
+        kept_rows = [row for row, finished in enumerate(finished_flags) if not finished]
         if finished_rows:
             _write_results(
                 torch.tensor(finished_rows, device=device), torch.tensor([working[row] for row in finished_rows],
@@ -256,13 +256,6 @@ def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, syn
         centred, centred64 = centred[keep], centred64[keep]
         centres, previous_labels = centres[keep], previous_labels[keep]
         n_iter, strict, done, tolerance = n_iter[keep], strict[keep], done[keep], tolerance[keep]
-        met_empty = met_empty[keep]
-
-    if set_aside:
-        again = torch.tensor(set_aside, device=device)
-        redone = _lloyd(prepared.select(again), initial_centres[again.to(initial_centres.device)], max_iter,
-                        sync_every, False, True)
-        out_centres[again], out_labels[again], out_n_iter[again], out_strict[again] = redone[:4]
     return out_centres, out_labels, out_n_iter, out_strict, first
 
 
@@ -295,18 +288,157 @@ def _write_results(
     out_strict[target] = final_strict
 
 
-def _nearest_centre_without_ties(points64: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
-    """The E-step where no two centres are identical, and whether two were: (labels, (P,) bool).
+class _FixedState(NamedTuple):
+    """The fixed-size loop's per-problem state; every field's first dimension is the problem."""
 
-    Equal to `_nearest_centre` wherever no two centres are identical (its tie copy then changes
-    nothing). Identical centres come from a class's first visit (iteration 1, handled in full)
-    and hardly ever later; a problem where they occur is run again like one with an empty
-    cluster (kmeans_prepared).
+    centres64: Tensor  # (P, K, C) float64: the current float32 centres, exactly, as float64
+    stop_labels: Tensor  # (P, N, 1) int64: the last iteration's labels, kept from the stop on
+    frozen: Tensor  # (P, 1, 1) bool: stopped in an earlier iteration (spec §5.4's stop tests)
+    strict: Tensor  # (P, 1, 1) bool: the stop was strict convergence (labels unchanged)
+    frozen_iterations: Tensor  # (P, 1, 1) int64: iterations run while frozen (n_iter = run - these)
+    tied: Tensor  # (P, K) bool: two centres were identical entering some iteration
+
+    def select(self, index: Tensor) -> "_FixedState":
+        return _FixedState(*(field[index] for field in self))
+
+
+class _FixedData(NamedTuple):
+    """What the fixed-size loop reads but does not change, and its scratch buffers."""
+
+    points64: Tensor  # (P, N, C) float64: the centred points
+    tolerance: Tensor  # (P, 1, 1) float64: tol_abs
+    cluster_index: Tensor  # (K,) int64
+    membership: Tensor  # (P, N, K) float64 scratch: the one-hot labels
+    means: Tensor  # (P, K, C) float32 scratch: the M-step's centres
+
+    @classmethod
+    def of(cls, points64: Tensor, tolerance: Tensor, num_clusters: int) -> "_FixedData":
+        (num_problems, num_points, num_features), device = points64.shape, points64.device
+        return cls(points64, tolerance.view(num_problems, 1, 1), torch.arange(num_clusters, device=device),
+                   torch.empty(num_problems, num_points, num_clusters, dtype=torch.float64, device=device),
+                   torch.empty(num_problems, num_clusters, num_features, dtype=torch.float32, device=device))
+
+
+def _lloyd_fixed(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, sync_every: int,
+                 record_first_step: bool):
+    """Spec §5.4 off the CPU, in fixed-size iterations with masks (see kmeans_prepared).
+
+    After the first iteration a problem's whole state is its centres and last labels, so a
+    stopped problem is frozen by keeping its centres (a where()): its shift is then 0 and it stays
+    stopped, and its later E-steps give the labels of its final centres. Finished problems thus
+    cost no launches; the working set shrinks only where it halves (fewer rows for the GPU to
+    read, at a dozen launches a shrink). The host reads the stop flags every `sync_every`
+    iterations, and nothing else until the end.
     """
-    centres64 = centres.to(torch.float64)
-    distances = centres64.square().sum(dim=2)[:, None, :] - 2.0 * torch.bmm(points64, centres64.transpose(1, 2))
-    same = (centres[:, :, None, :] == centres[:, None, :, :]).all(dim=3)  # the diagonal is always true
-    return distances.argmin(dim=2), same.sum(dim=(1, 2)) > centres.shape[1]
+    centred, centred64 = prepared.centred, prepared.centred64
+    num_problems, num_points, _ = centred.shape
+    num_clusters = initial_centres.shape[1]
+    device = centred.device
+    centres = initial_centres.detach().to(device=device, dtype=torch.float32) - prepared.mean
+
+    # Iteration 1 in full. Its labels cannot equal the "previous" ones (there are none), so it
+    # stops only on the tolerance.
+    labels = _nearest_centre(centred64, centres)
+    new_centres = _update_centres(centred, centred64, centres, labels)
+    stopped = _centre_shift(new_centres, centres) <= prepared.tolerance
+    first = FirstStep(labels, new_centres, stopped) if record_first_step else None
+
+    centres64 = new_centres.to(torch.float64)
+    shape = (num_problems, 1, 1)
+    state = _FixedState(centres64, labels[:, :, None], stopped.view(shape),
+                        torch.zeros(shape, dtype=torch.bool, device=device),
+                        torch.zeros(shape, dtype=torch.int64, device=device), _identical_centres(centres64))
+    data = _FixedData.of(centred64, prepared.tolerance, num_clusters)
+    out, out_n_iter = None, None  # the results of problems that left the working set early
+    working = list(range(num_problems))  # the problems of the state's rows
+    set_aside: set[int] = set()  # problems the plain steps cannot run (see the flags below)
+    iterations = 1
+    while True:
+        if iterations == max_iter or iterations % sync_every == 0:
+            # The loop's one host read: which problems stopped, and which met what the plain steps
+            # cannot do (identical centres, an empty cluster's NaN). Both leave.
+            flags = torch.cat([state.frozen.view(-1, 1), state.tied, state.centres64.isnan().any(dim=2)],
+                              dim=1).tolist()
+            leaving = [row for row, (frozen, *bad) in enumerate(flags) if frozen or any(bad) or iterations == max_iter]
+            set_aside.update(working[row] for row, (_, *bad) in enumerate(flags) if any(bad))
+            if len(leaving) == len(working) and out is None:
+                out, out_n_iter = state, iterations - state.frozen_iterations.view(-1)  # never shrunk: in order
+                break
+            if 2 * len(leaving) >= len(working) and (
+                    len(leaving) == len(working) or len(leaving) * data.points64[0].nbytes >= SHRINK_MIN_BYTES):
+                if out is None:
+                    out = _FixedState(*(torch.empty((num_problems, *field.shape[1:]), dtype=field.dtype, device=device)
+                                        for field in state))
+                    out_n_iter = torch.empty(num_problems, dtype=torch.int64, device=device)
+                index = torch.tensor(leaving, device=device)
+                target = torch.tensor([working[row] for row in leaving], device=device)
+                for buffer, value in zip(out, state.select(index)):
+                    buffer[target] = value
+                out_n_iter[target] = iterations - state.frozen_iterations[index].view(-1)
+                if len(leaving) == len(working):
+                    break
+                left = set(leaving)
+                kept = [row for row in range(len(working)) if row not in left]
+                working = [working[row] for row in kept]
+                keep = torch.tensor(kept, device=device)
+                state = state.select(keep)
+                data = _FixedData.of(data.points64[keep], data.tolerance.view(-1)[keep], num_clusters)
+        state = _fixed_iteration(state, data)
+        iterations += 1
+
+    # sklearn's final labels (spec §5.4): the last iteration's after strict convergence, else an
+    # E-step with the final centres.
+    final_labels = torch.where(out.strict, out.stop_labels, _plain_nearest_centre(centred64, out.centres64))
+    result = [out.centres64.to(torch.float32), final_labels.view(num_problems, num_points), out_n_iter,
+              out.strict.view(-1)]
+    # Problems set aside (the flags above): run again, in full, from their initial centres.
+    if set_aside:
+        index = torch.tensor(sorted(set_aside), device=device)
+        redone = _lloyd_definition(prepared.select(index), initial_centres[index.to(initial_centres.device)],
+                                   max_iter, sync_every, False)
+        for buffer, value in zip(result, redone):
+            buffer[index] = value
+    return (*result, first)
+
+
+def _fixed_iteration(state: _FixedState, data: _FixedData) -> _FixedState:
+    """One Lloyd iteration (spec §5.4) of the plain steps for every problem, frozen ones kept."""
+    centres64, stop_labels, frozen, strict, frozen_iterations, tied = state
+    labels = _plain_nearest_centre(data.points64, centres64)  # (P, N, 1)
+    unchanged = (labels == stop_labels).all(dim=1, keepdim=True)
+    stop_labels = torch.where(frozen, stop_labels, labels)
+    # M-step: one-hot by comparison (no host sync, no atomics), sums by a matmul, means rounded
+    # to float32 as sklearn's centres are; an empty cluster's 0/0 is NaN, which sets it aside.
+    membership = torch.eq(labels, data.cluster_index, out=data.membership).transpose(1, 2)  # (P, K, N)
+    torch.div(torch.bmm(membership, data.points64), membership.sum(dim=2, keepdim=True), out=data.means)
+    new_centres64 = torch.where(frozen, centres64, data.means.to(torch.float64))
+    shift = (new_centres64 - centres64).square().sum(dim=(1, 2), keepdim=True)
+    strict = torch.where(frozen, strict, unchanged)
+    frozen_iterations = frozen_iterations + frozen
+    # A frozen problem's shift is 0, so it stays stopped.
+    stopped = unchanged | (shift <= data.tolerance)
+    tied = tied | _identical_centres(new_centres64)
+    return _FixedState(new_centres64, stop_labels, stopped, strict, frozen_iterations, tied)
+
+
+def _plain_nearest_centre(points64: Tensor, centres64: Tensor) -> Tensor:
+    """The E-step where no two centres are identical: (P, N, 1) labels.
+
+    The same arithmetic as `_nearest_centre` (tests compare), whose tie copy then changes nothing.
+    """
+    centres_t = centres64.transpose(1, 2)
+    norms = centres_t.square().sum(dim=1, keepdim=True)  # (P, 1, K)
+    return torch.sub(norms, torch.bmm(points64, centres_t), alpha=2.0).argmin(dim=2, keepdim=True)
+
+
+def _identical_centres(centres: Tensor) -> Tensor:
+    """(P, K) bool: centre j equals centre (j - s) mod K for some s; the shifts up to K // 2 cover
+    every pair (one shift for K = 3)."""
+    same = torch.zeros(centres.shape[:2], dtype=torch.bool, device=centres.device) if centres.shape[1] < 2 else None
+    for shift in range(1, centres.shape[1] // 2 + 1):
+        pairs = (centres == centres.roll(shift, dims=1)).all(dim=2)
+        same = pairs if same is None else same | pairs
+    return same
 
 
 def _nearest_centre(points64: Tensor, centres: Tensor) -> Tensor:
@@ -334,16 +466,6 @@ def _cluster_sums(points64: Tensor, labels: Tensor, num_clusters: int) -> tuple[
     # One-hot by comparison: no host sync and no atomics on GPUs (unlike one_hot/scatter_add).
     membership = (labels[:, :, None] == cluster_index).to(torch.float64)  # (P, N, K)
     return torch.bmm(membership.transpose(1, 2), points64), membership.sum(dim=1)
-
-
-def _plain_means(points64: Tensor, labels: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
-    """The M-step where no cluster is empty, and whether one was: (float32 centres, (P,) bool).
-
-    Equal to `_update_centres` wherever no cluster is empty (its relocation then changes
-    nothing); where one is, the centres are wrong and the flag says so.
-    """
-    sums, counts = _cluster_sums(points64, labels, num_clusters)
-    return (sums / counts[:, :, None]).to(torch.float32), (counts == 0).any(dim=1)
 
 
 def _update_centres(points: Tensor, points64: Tensor, centres: Tensor, labels: Tensor,

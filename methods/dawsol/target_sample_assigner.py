@@ -326,8 +326,8 @@ class TargetSampleAssigner:
             # Spec §5.3 step 6: valid iff |T^t| >= n_t and |T^f| >= n_s − 1.
             if real_size < self.target_samples or fake_size < num_fake:
                 continue
-            fake_pixels = torch.from_numpy(np.flatnonzero(labels_host[image] == FAKE_TARGET))
-            real_pixels = torch.from_numpy(np.flatnonzero(labels_host[image] == REAL_TARGET))
+            fake_pixels = np.flatnonzero(labels_host[image] == FAKE_TARGET)
+            real_pixels = np.flatnonzero(labels_host[image] == REAL_TARGET)
             # Shuffle, then take the first rows: fake first, then real, as the reference.
             fake_pick = fake_pixels[self._permutation(fake_size)[:num_fake]]
             real_pick = real_pixels[self._permutation(real_size)[: self.target_samples]]
@@ -393,8 +393,12 @@ class TargetSampleAssigner:
         source = torch.cat([z[:, None, :], fake], dim=1)
         return source, target
 
-    def _permutation(self, size: int) -> Tensor:
-        return torch.randperm(size, generator=self.generator)
+    def _permutation(self, size: int) -> np.ndarray:
+        """A shuffle of range(size) from the generator, drawn straight into a numpy array (the
+        host's index work is numpy's; Tensor.numpy() would cost four more operator calls)."""
+        shuffle = np.empty(size, dtype=np.int64)
+        torch.randperm(size, generator=self.generator, out=torch.from_numpy(shuffle))
+        return shuffle
 
     # -- checkpointing -------------------------------------------------------------------------
 
@@ -507,8 +511,8 @@ def _same_first_steps(prepared: PreparedPoints, recorded: FirstStep, images: lis
     return same.tolist()  # the check's one host read
 
 
-def _stack_picks(picks: list[Tensor], per_image: int) -> Tensor:
+def _stack_picks(picks: list[np.ndarray], per_image: int) -> Tensor:
     """(V, per_image) pixel indices; V = 0 still indexes F, so empty sets stay in the graph."""
     if picks:
-        return torch.stack(picks)
+        return torch.from_numpy(np.stack(picks).astype(np.int64, copy=False))
     return torch.zeros(0, per_image, dtype=torch.int64)
