@@ -8,8 +8,8 @@ reference does.
 
 One call of `TargetSampleAssigner.assign` on a (B, N, C) = (32, 784, 2048) batch (ResNet50's
 28x28 feature map at batch 32), after --warmup-batches calls (1) on other features so that class
-anchors exist as they do in training, is run under torch.profiler (CPU) and counted. K-means checks for
-finished problems every --sync-every iterations, 3 by default (kmeans.DEVICE_SYNC_EVERY): what it does on a GPU, whose cost
+anchors exist as they do in training, is run under torch.profiler (CPU) and counted. K-means reads its
+stop flags every --sync-every iterations, 3 by default (kmeans.DEVICE_SYNC_EVERY): what it does on a GPU, whose cost
 this stands for (on the CPU it checks every iteration, a check costing nothing there).
 
   ops_per_call    aten operator calls made by the assigner's own code: profiler events named
@@ -25,6 +25,14 @@ this stands for (on the CPU it checks every iteration, a check costing nothing t
                   a GPU (asynchronous); the assigner names the host as the string "cpu" in its
                   downloads, so the two are told apart. syncs_old_definition counts these too, as
                   the figures of 2026-12-03 morning did.
+  async_reads_per_call  K-means' stop-flag reads (kmeans._StopFlagReader): a non_blocking copy into
+                  pinned memory behind the queued work, read through numpy once a CUDA event says it
+                  has arrived. Not syncs: on a GPU the host waits for one only where the copy is
+                  --sync-every iterations old and still not there, i.e. where the GPU, not the
+                  host, is behind, and then the GPU still has those iterations queued. On this CPU
+                  run they arrive at once, so the loop acts on them as early as a blocking read
+                  would (on a GPU they may come an iteration or more later, and the loop runs those
+                  iterations, which change no result; their launches are not in ops_per_call).
   same_assignments  the call's outputs (valid images, subset sizes, the source/target/Universum
                   rows) and the state after it (M0, r0, class anchors and counts) equal those of
                   the reference-exact sequential assigner on the same inputs from the same state
@@ -32,7 +40,8 @@ this stands for (on the CPU it checks every iteration, a check costing nothing t
 Features are synthetic but shaped like a CAM backbone's: per image a foreground region whose
 pixels lean towards a class direction, a background, and noise; labels repeat within the batch
 (by default 16 classes drawn for 32 images, --drawn-classes), so the sequential semantics (image
-i's update seen by image i+1) matter. The last line printed with --json is one JSON object with the three figures.
+i's update seen by image i+1) matter. The last line printed with --json is one JSON object with the three figures
+(and the others above).
 """
 from __future__ import annotations
 
@@ -61,6 +70,7 @@ class HostReads(TorchFunctionMode):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.not_syncs: Counter[str] = Counter()  # what the old definition counted as well
+        self.async_reads = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -69,6 +79,9 @@ class HostReads(TorchFunctionMode):
             self.counts[name] += 1
         elif name == "numpy":
             self.not_syncs["numpy"] += 1
+        elif name == "copy_" and kwargs.get("non_blocking", args[2] if len(args) > 2 else False):
+            # K-means' stop flags, copied behind the queued work into pinned memory (kmeans._StopFlagReader)
+            self.async_reads += 1
         elif name == "to":
             target = kwargs.get("device", args[1] if len(args) > 1 else None)
             if isinstance(target, str) and torch.device(target).type == "cpu":
@@ -205,9 +218,10 @@ def main() -> None:
             f"{name} {count}" for name, count in [*sync_ops.most_common(), *host.counts.most_common()]))
         print(f"  not syncs on a GPU (the old definition counted them too, {syncs_old_definition} in all): "
               + ", ".join(f"{name} {count}" for name, count in host.not_syncs.most_common()))
+        print(f"  asynchronous reads (K-means' stop flags; not syncs): {host.async_reads}")
         print(f"  same assignments as the reference: {same}")
     print(json.dumps({"ops_per_call": len(top_level), "syncs_per_call": syncs, "same_assignments": same,
-                      "syncs_old_definition": syncs_old_definition,
+                      "syncs_old_definition": syncs_old_definition, "async_reads_per_call": host.async_reads,
                       "mode": args.mode, "engine": args.engine if args.mode == "sequential" else None, "sync_every": args.sync_every, "features": args.features, "warmup_batches": args.warmup_batches, "seed": args.seed, "drawn_classes": args.drawn_classes, "batch": args.batch, "pixels": args.pixels, "channels": args.channels,
                       "sync_breakdown": {**sync_ops, **host.counts}}))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -326,9 +327,10 @@ def _lloyd_fixed(prepared: PreparedPoints, initial_centres: Tensor, max_iter: in
     After the first iteration a problem's whole state is its centres and last labels, so a
     stopped problem is frozen by keeping its centres (a where()): its shift is then 0 and it stays
     stopped, and its later E-steps give the labels of its final centres. Finished problems thus
-    cost no launches; the working set shrinks only where it halves (fewer rows for the GPU to
-    read, at a dozen launches a shrink). The host reads the stop flags every `sync_every`
-    iterations, and nothing else until the end.
+    cost no launches, and iterations run after a problem stopped change none of its results. So
+    the host need not wait for the stop flags: it reads them asynchronously (`_StopFlagReader`),
+    up to `sync_every` iterations late, and iterates on meanwhile. The working set shrinks only
+    where it halves and frees SHRINK_MIN_BYTES.
     """
     centred, centred64 = prepared.centred, prepared.centred64
     num_problems, num_points, _ = centred.shape
@@ -345,60 +347,139 @@ def _lloyd_fixed(prepared: PreparedPoints, initial_centres: Tensor, max_iter: in
 
     centres64 = new_centres.to(torch.float64)
     shape = (num_problems, 1, 1)
-    state = _FixedState(centres64, labels[:, :, None], stopped.view(shape),
-                        torch.zeros(shape, dtype=torch.bool, device=device),
-                        torch.zeros(shape, dtype=torch.int64, device=device), _identical_centres(centres64))
-    data = _FixedData.of(centred64, prepared.tolerance, num_clusters)
-    out, out_n_iter = None, None  # the results of problems that left the working set early
-    working = list(range(num_problems))  # the problems of the state's rows
-    set_aside: set[int] = set()  # problems the plain steps cannot run (see the flags below)
+    loop = _FixedLoop(
+        _FixedState(centres64, labels[:, :, None], stopped.view(shape), torch.zeros(shape, dtype=torch.bool, device=device),
+                    torch.zeros(shape, dtype=torch.int64, device=device), _identical_centres(centres64)),
+        _FixedData.of(centred64, prepared.tolerance, num_clusters))
+    flags = _StopFlagReader(device, num_problems, 1 + 2 * num_clusters)
     iterations = 1
     while True:
-        if iterations == max_iter or iterations % sync_every == 0:
-            # The loop's one host read: which problems stopped, and which met what the plain steps
-            # cannot do (identical centres, an empty cluster's NaN). Both leave.
-            flags = torch.cat([state.frozen.view(-1, 1), state.tied, state.centres64.isnan().any(dim=2)],
-                              dim=1).tolist()
-            leaving = [row for row, (frozen, *bad) in enumerate(flags) if frozen or any(bad) or iterations == max_iter]
-            set_aside.update(working[row] for row, (_, *bad) in enumerate(flags) if any(bad))
-            if len(leaving) == len(working) and out is None:
-                out, out_n_iter = state, iterations - state.frozen_iterations.view(-1)  # never shrunk: in order
+        at_limit = iterations == max_iter
+        if at_limit or iterations % sync_every == 0:
+            # At most one read in flight: the previous one, sync_every iterations old, is due.
+            if flags.pending is not None and not at_limit and loop.leave(*flags.take(wait=True), everything=False):
                 break
-            if 2 * len(leaving) >= len(working) and (
-                    len(leaving) == len(working) or len(leaving) * data.points64[0].nbytes >= SHRINK_MIN_BYTES):
-                if out is None:
-                    out = _FixedState(*(torch.empty((num_problems, *field.shape[1:]), dtype=field.dtype, device=device)
-                                        for field in state))
-                    out_n_iter = torch.empty(num_problems, dtype=torch.int64, device=device)
-                index = torch.tensor(leaving, device=device)
-                target = torch.tensor([working[row] for row in leaving], device=device)
-                for buffer, value in zip(out, state.select(index)):
-                    buffer[target] = value
-                out_n_iter[target] = iterations - state.frozen_iterations[index].view(-1)
-                if len(leaving) == len(working):
-                    break
-                left = set(leaving)
-                kept = [row for row in range(len(working)) if row not in left]
-                working = [working[row] for row in kept]
-                keep = torch.tensor(kept, device=device)
-                state = state.select(keep)
-                data = _FixedData.of(data.points64[keep], data.tolerance.view(-1)[keep], num_clusters)
-        state = _fixed_iteration(state, data)
-        iterations += 1
+            flags.post(loop.stop_flags(), iterations)
+        read = flags.take(wait=at_limit)
+        if read is not None and loop.leave(*read, everything=at_limit):
+            break
+        loop.iterate()
+        iterations = loop.iterations
 
+    out, out_n_iter = loop.results()
     # sklearn's final labels (spec §5.4): the last iteration's after strict convergence, else an
     # E-step with the final centres.
     final_labels = torch.where(out.strict, out.stop_labels, _plain_nearest_centre(centred64, out.centres64))
     result = [out.centres64.to(torch.float32), final_labels.view(num_problems, num_points), out_n_iter,
               out.strict.view(-1)]
-    # Problems set aside (the flags above): run again, in full, from their initial centres.
-    if set_aside:
-        index = torch.tensor(sorted(set_aside), device=device)
+    # Problems set aside (their flags): run again, in full, from their initial centres.
+    if loop.set_aside:
+        index = torch.tensor(sorted(loop.set_aside), device=device)
         redone = _lloyd_definition(prepared.select(index), initial_centres[index.to(initial_centres.device)],
                                    max_iter, sync_every, False)
         for buffer, value in zip(result, redone):
             buffer[index] = value
     return (*result, first)
+
+
+class _StopFlagReader:
+    """The fixed-size loop's host reads of its stop flags, without waiting for the device.
+
+    On a GPU a snapshot of the flags is copied into pinned host memory behind the queued work
+    (non_blocking) and a CUDA event marks its arrival; `take` looks at the event and hands the
+    flags over only once they are there, unless told to wait. Waiting for a snapshot taken
+    sync_every iterations earlier still leaves the GPU those iterations to run, unlike a
+    blocking read of the current flags, which drains its queue. On the CPU the copy is done
+    when `post` returns. One buffer, allocated once, and at most one snapshot in flight.
+    """
+
+    def __init__(self, device: torch.device, rows: int, width: int):
+        self.on_cuda = device.type == "cuda"
+        self.buffer = torch.empty(rows, width, dtype=torch.bool, pin_memory=self.on_cuda)
+        self.host = self.buffer.numpy()  # the same memory
+        self.pending: tuple[int, int, object] | None = None  # (iteration, rows, event)
+
+    def post(self, flags: Tensor, iteration: int) -> None:
+        rows = flags.shape[0]
+        self.buffer[:rows].copy_(flags, non_blocking=True)
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (iteration, rows, event)
+
+    def take(self, wait: bool) -> tuple[int, np.ndarray] | None:
+        """(the iteration the flags are of, the flags) once they have arrived; None before."""
+        if self.pending is None:
+            return None
+        iteration, rows, event = self.pending
+        if event is not None and not event.query():
+            if not wait:
+                return None
+            event.synchronize()
+        self.pending = None
+        return iteration, self.host[:rows].copy()
+
+
+class _FixedLoop:
+    """The fixed-size loop's working set: its state's rows, the problems they are, and the
+    results of the problems that have left it."""
+
+    def __init__(self, state: "_FixedState", data: "_FixedData"):
+        self.state, self.data = state, data
+        self.num_problems = state.centres64.shape[0]
+        self.working = list(range(self.num_problems))  # the problems of the state's rows
+        self.iterations = 1
+        self.set_aside: set[int] = set()  # problems the plain steps cannot run (see stop_flags)
+        self.out: _FixedState | None = None  # the results of problems that left early, by problem
+        self.out_n_iter: Tensor | None = None
+
+    def iterate(self) -> None:
+        self.state = _fixed_iteration(self.state, self.data)
+        self.iterations += 1
+
+    def stop_flags(self) -> Tensor:
+        """(rows, 1 + 2K) bool: stopped; then what the plain steps cannot do: identical centres
+        (per centre), an empty cluster's NaN mean (per centre). Flags stay set once set."""
+        state = self.state
+        return torch.cat([state.frozen.view(-1, 1), state.tied, state.centres64.isnan().any(dim=2)], dim=1)
+
+    def leave(self, iteration: int, flags: np.ndarray, everything: bool) -> bool:
+        """Take out the rows whose flags (read at `iteration`, the rows unchanged since) say they
+        are done or set aside, all of them if `everything`; True when none is left."""
+        bad = flags[:, 1:].any(axis=1)
+        self.set_aside.update(self.working[row] for row in np.flatnonzero(bad).tolist())
+        leaving = np.flatnonzero(flags[:, 0] | bad | everything).tolist()
+        device = self.state.frozen.device
+        if len(leaving) == len(self.working) and self.out is None:  # never shrunk: rows in problem order
+            self.out, self.out_n_iter = self.state, self.iterations - self.state.frozen_iterations.view(-1)
+            return True
+        points = self.data.points64
+        frees = len(leaving) * points.shape[1] * points.shape[2] * points.element_size() >= SHRINK_MIN_BYTES
+        if not (len(leaving) == len(self.working) or (2 * len(leaving) >= len(self.working) and frees)):
+            return False
+        if self.out is None:
+            self.out = _FixedState(*(torch.empty((self.num_problems, *field.shape[1:]), dtype=field.dtype,
+                                                 device=device) for field in self.state))
+            self.out_n_iter = torch.empty(self.num_problems, dtype=torch.int64, device=device)
+        index = torch.tensor(leaving, device=device)
+        target = torch.tensor([self.working[row] for row in leaving], device=device)
+        for buffer, value in zip(self.out, self.state.select(index)):
+            buffer[target] = value
+        self.out_n_iter[target] = self.iterations - self.state.frozen_iterations[index].view(-1)
+        if len(leaving) == len(self.working):
+            return True
+        left = set(leaving)
+        kept = [row for row in range(len(self.working)) if row not in left]
+        self.working = [self.working[row] for row in kept]
+        keep = torch.tensor(kept, device=device)
+        self.state = self.state.select(keep)
+        self.data = _FixedData.of(self.data.points64[keep], self.data.tolerance.view(-1)[keep],
+                                  self.data.cluster_index.shape[0])
+        return False
+
+    def results(self) -> tuple["_FixedState", Tensor]:
+        return self.out, self.out_n_iter
 
 
 def _fixed_iteration(state: _FixedState, data: _FixedData) -> _FixedState:
