@@ -487,6 +487,9 @@ def _fixed_iteration(state: _FixedState, data: _FixedData) -> _FixedState:
     centres64, stop_labels, frozen, strict, frozen_iterations, tied = state
     labels = _plain_nearest_centre(data.points64, centres64)  # (P, N, 1)
     unchanged = (labels == stop_labels).all(dim=1, keepdim=True)
+    # Kept from the stop on for sklearn's final labels after strict convergence. After the plain M-step
+    # these equal the next E-step's, unless the M-step of the same labels rounds otherwise (the
+    # matmul kernel can change with the working set's size on a GPU): that case costs this where().
     stop_labels = torch.where(frozen, stop_labels, labels)
     # M-step: one-hot by comparison (no host sync, no atomics), sums by a matmul, means rounded
     # to float32 as sklearn's centres are; an empty cluster's 0/0 is NaN, which sets it aside.
