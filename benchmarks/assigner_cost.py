@@ -155,6 +155,25 @@ def same_state(a: TargetSampleAssigner, b: TargetSampleAssigner) -> bool:
             and torch.equal(a.class_anchors, b.class_anchors) and torch.equal(a.class_counts, b.class_counts))
 
 
+def measure(candidate: TargetSampleAssigner, reference: TargetSampleAssigner, batch) -> dict:
+    """One candidate call under the profiler, checked against the reference from the same state."""
+    reference.load_state_dict(candidate.state_dict())  # the same state (and shuffles) from here
+    host = HostReads()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, host:
+        out = candidate.assign(*batch)
+    expected = reference.assign(*batch)
+    events = profile.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    top_level = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    sync_ops = Counter(e.name for e in aten if e.name in DATA_DEPENDENT_SHAPE_OPS)
+    syncs = sum(sync_ops.values()) + sum(host.counts.values())
+    return {"ops": len(top_level), "all_aten": len(aten), "syncs": syncs,
+            "syncs_old_definition": syncs + sum(host.not_syncs.values()), "async_reads": host.async_reads,
+            "same": same_outputs(out, expected) and same_state(candidate, reference),
+            "by_op": Counter(e.name for e in top_level), "sync_breakdown": {**sync_ops, **host.counts},
+            "not_syncs": host.not_syncs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="sequential", choices=("sequential", "batched"))
@@ -170,8 +189,8 @@ def main() -> None:
                         help="labels are drawn from this many classes (default 16 for 32 images: many repeats, "
                              "the hard case for the sequential semantics; 200 is a CUB batch)")
     parser.add_argument("--sync-every", type=int, default=DEVICE_SYNC_EVERY,
-                        help=f"K-means iterations between host checks (default {DEVICE_SYNC_EVERY}: what the assigner "
-                             "uses on a GPU; on the CPU it checks every iteration)")
+                        help=f"K-means iterations between stop-flag reads (default {DEVICE_SYNC_EVERY}: what the "
+                             "assigner uses on a GPU; on the CPU it checks every iteration)")
     parser.add_argument("--features", choices=("synthetic", "network"), default="synthetic",
                         help="synthetic: shaped like a CAM backbone's, 2-3 Lloyd iterations (the default); network: "
                              "a randomly initialised resnet10_half's 28x28 maps (C=256) of rendered synthetic images, "
@@ -179,6 +198,10 @@ def main() -> None:
     parser.add_argument("--warmup-batches", type=int, default=1,
                         help="batches assigned before the measured one (default 1; the state's counts r0, r_k grow "
                              "with them, and with them how often a speculative first step survives the check)")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="consecutive calls measured (default 1); with more, the figures are their means, "
+                             "and the *_each lists give every call's (--warmup-batches 0 --calls 50: a run's "
+                             "first 50 batches)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -195,35 +218,35 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(args.warmup_batches):
             candidate.assign(*batches())
-        reference.load_state_dict(candidate.state_dict())  # the same state (and shuffles) from here
-        measured = batches()
-        host = HostReads()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, host:
-            out = candidate.assign(*measured)
-        expected = reference.assign(*measured)
+        calls = [measure(candidate, reference, batches()) for _ in range(args.calls)]
 
-    events = profile.events()
-    aten = [e for e in events if e.name.startswith("aten::")]
-    top_level = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    sync_ops = Counter(e.name for e in aten if e.name in DATA_DEPENDENT_SHAPE_OPS)
-    syncs = sum(sync_ops.values()) + sum(host.counts.values())
-    syncs_old_definition = syncs + sum(host.not_syncs.values())
-    same = same_outputs(out, expected) and same_state(candidate, reference)
-    by_op = Counter(e.name for e in top_level)
+    def mean(key: str) -> float | int:
+        total = sum(call[key] for call in calls)
+        return total if len(calls) == 1 else round(total / len(calls), 1)
+
+    same = all(call["same"] for call in calls)
+    last = calls[-1]
     if not args.json:
-        print(f"assigner mode {args.mode} ({args.engine if args.mode == 'sequential' else 'one call'}), batch {args.batch}, {args.pixels} pixels, C = {args.channels}")
-        print(f"  aten ops per call: {len(top_level)} (all aten events, nested included: {len(aten)})")
-        print(f"  most frequent: " + ", ".join(f"{name} {count}" for name, count in by_op.most_common(8)))
-        print(f"  host syncs per call: {syncs} = " + ", ".join(
-            f"{name} {count}" for name, count in [*sync_ops.most_common(), *host.counts.most_common()]))
-        print(f"  not syncs on a GPU (the old definition counted them too, {syncs_old_definition} in all): "
-              + ", ".join(f"{name} {count}" for name, count in host.not_syncs.most_common()))
-        print(f"  asynchronous reads (K-means' stop flags; not syncs): {host.async_reads}")
+        print(f"assigner mode {args.mode} ({args.engine if args.mode == 'sequential' else 'one call'}), batch {args.batch}, {args.pixels} pixels, C = {args.channels}"
+              + (f", {args.calls} calls (figures: their means; the breakdowns: the last call's)" if args.calls > 1 else ""))
+        print(f"  aten ops per call: {mean('ops')} (all aten events, nested included: {mean('all_aten')})")
+        print(f"  most frequent: " + ", ".join(f"{name} {count}" for name, count in last["by_op"].most_common(8)))
+        print(f"  host syncs per call: {mean('syncs')} = " + ", ".join(
+            f"{name} {count}" for name, count in last["sync_breakdown"].items()))
+        print(f"  not syncs on a GPU (the old definition counted them too, {mean('syncs_old_definition')} in all): "
+              + ", ".join(f"{name} {count}" for name, count in last["not_syncs"].most_common()))
+        print(f"  asynchronous reads (K-means' stop flags; not syncs): {mean('async_reads')}")
         print(f"  same assignments as the reference: {same}")
-    print(json.dumps({"ops_per_call": len(top_level), "syncs_per_call": syncs, "same_assignments": same,
-                      "syncs_old_definition": syncs_old_definition, "async_reads_per_call": host.async_reads,
-                      "mode": args.mode, "engine": args.engine if args.mode == "sequential" else None, "sync_every": args.sync_every, "features": args.features, "warmup_batches": args.warmup_batches, "seed": args.seed, "drawn_classes": args.drawn_classes, "batch": args.batch, "pixels": args.pixels, "channels": args.channels,
-                      "sync_breakdown": {**sync_ops, **host.counts}}))
+    figures = {"ops_per_call": mean("ops"), "syncs_per_call": mean("syncs"), "same_assignments": same,
+               "syncs_old_definition": mean("syncs_old_definition"), "async_reads_per_call": mean("async_reads")}
+    if args.calls > 1:
+        figures.update(calls=args.calls, ops_per_call_each=[call["ops"] for call in calls],
+                       syncs_per_call_each=[call["syncs"] for call in calls])
+    print(json.dumps({**figures, "mode": args.mode, "engine": args.engine if args.mode == "sequential" else None,
+                      "sync_every": args.sync_every, "features": args.features,
+                      "warmup_batches": args.warmup_batches, "seed": args.seed,
+                      "drawn_classes": args.drawn_classes, "batch": args.batch, "pixels": args.pixels,
+                      "channels": args.channels, "sync_breakdown": last["sync_breakdown"]}))
 
 
 if __name__ == "__main__":

@@ -92,9 +92,9 @@ def kmeans(
     """Run P independent K-means problems from given centres, as sklearn's Lloyd would.
 
     points: (P, N, C); initial_centres: (P, K, C). Both are detached and cast to float32.
-    sync_every: Lloyd iterations between host checks for finished problems. It changes only
-    speed, never results: a finished problem is frozen on the device until the next check.
-    Default: every iteration on the CPU (a check costs nothing there), every DEVICE_SYNC_EVERY elsewhere.
+    sync_every: Lloyd iterations between host reads of the stop flags. It changes only speed,
+    never results: a finished problem is frozen on the device until the host has read its flag.
+    Default: every iteration on the CPU (a read costs nothing there), every DEVICE_SYNC_EVERY elsewhere.
     """
     _check_shapes(points, initial_centres)
     if points.shape[0] == 0:
@@ -132,11 +132,10 @@ def _empty_result(points: Tensor, num_clusters: int) -> KMeansResult:
 
 
 def _host_branches(device: torch.device, sync_every: int) -> bool:
-    """Whether to skip rare-case work after asking the data (a host read per question).
-
-    Only where the data is on the CPU and finished problems are checked every iteration anyway
-    (the CPU default): there a question costs nothing. Elsewhere, and in the GPU-shaped CPU runs
-    of benchmarks/assigner_cost.py, everything stays branch-free on the device.
+    """Whether questions to the data cost nothing: on the CPU, finished problems checked every
+    iteration (its default). There the definition loop runs and skips rare-case work after
+    asking the data (a host read per question). Elsewhere, and in the GPU-shaped CPU runs of
+    benchmarks/assigner_cost.py, the fixed-size loop runs, branch-free on the device.
     """
     return device.type == "cpu" and sync_every == 1
 
@@ -160,36 +159,35 @@ def kmeans_prepared(
     max_iter: int = 300,
     sync_every: int | None = None,
     record_first_step: bool = False,
-    relocate_every_iteration: bool = False,
 ) -> tuple[KMeansResult, FirstStep | None]:
     """`kmeans` on prepared points; with record_first_step, also each problem's FirstStep.
 
     Two loops compute the same results (tests compare them):
       `_lloyd_definition`: the full E- and M-steps of spec §5.4 in every iteration (ties between
         identical centres, empty-cluster relocation), finished problems leaving the working set
-        at every host check. The CPU's loop (relocate_every_iteration, or checks every
-        iteration), and the one a problem set aside by the other loop is run again with.
-      `_lloyd_fixed`: off the CPU. The first iteration in full (a class's first visit starts with
-        c1 == c2 and leaves a cluster empty, spec §5.3), then a fixed-size iteration of 27
-        operator launches and no host synchronisation (issue 12): the plain E- and M-steps, which
-        cannot relocate or break ties, so a problem whose centres become identical or whose
-        cluster empties (its mean is then 0/0 = NaN) is set aside and run again by the
-        definition loop.
+        at every host check. The CPU's loop (checks every iteration), and the one a problem set
+        aside by the other loop is run again with.
+      `_lloyd_fixed`: off the CPU (and wherever checks are sparser). The first iteration in full
+        (a class's first visit starts with c1 == c2 and leaves a cluster empty, spec §5.3), then
+        a fixed-size iteration of 27 operator launches and no host synchronisation (issue 12):
+        the plain E- and M-steps, which cannot relocate or break ties, so a problem whose centres
+        become identical or whose cluster empties (its mean is then 0/0 = NaN) is set aside and
+        run again by the definition loop.
     """
     centres, labels, n_iter, strict, first = _lloyd(prepared, initial_centres, max_iter, sync_every,
-                                                    record_first_step, relocate_every_iteration)
+                                                    record_first_step)
     return KMeansResult(centres + prepared.mean, labels, n_iter, strict), first
 
 
 def _lloyd(prepared: PreparedPoints, initial_centres: Tensor, max_iter: int, sync_every: int | None,
-           record_first_step: bool, relocate_every_iteration: bool):
+           record_first_step: bool):
     """kmeans_prepared's loop; the centres it returns are centred (the data mean not added back)."""
     device = prepared.centred.device
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else DEVICE_SYNC_EVERY
     if max_iter < 1 or sync_every < 1:
         raise ValueError("kmeans needs max_iter >= 1 and sync_every >= 1")
-    if relocate_every_iteration or _host_branches(device, sync_every):
+    if _host_branches(device, sync_every):
         return _lloyd_definition(prepared, initial_centres, max_iter, sync_every, record_first_step)
     return _lloyd_fixed(prepared, initial_centres, max_iter, sync_every, record_first_step)
 
@@ -394,6 +392,7 @@ class _StopFlagReader:
     """
 
     def __init__(self, device: torch.device, rows: int, width: int):
+        self.device = device
         self.on_cuda = device.type == "cuda"
         self.buffer = torch.empty(rows, width, dtype=torch.bool, pin_memory=self.on_cuda)
         self.host = self.buffer.numpy()  # the same memory
@@ -405,7 +404,7 @@ class _StopFlagReader:
         event = None
         if self.on_cuda:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the flags' device, not the current one
         self.pending = (iteration, rows, event)
 
     def take(self, wait: bool) -> tuple[int, np.ndarray] | None:
