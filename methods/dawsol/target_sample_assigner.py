@@ -224,10 +224,10 @@ class TargetSampleAssigner:
         run depends on those initial centres only through its first Lloyd iteration
         (kmeans.FirstStep: the first labels, the first centres after relocation, the first stop
         test). So:
-          1. Images are run in generations: generation g holds the (g+1)-th image of each class
-             in the batch. A generation's class anchors follow exactly from the generations
-             before it; M0, which every image moves a little, is taken from the images already
-             run (a guess).
+          1. Every image of the batch is run at once, from the state at the batch's start: M0 and
+             the class anchors as they stand (a class first visited in this batch: its first
+             image's z, as the batched mode starts it). A guess, for every image after the
+             first: its predecessors move M0, and those of its class its class anchor.
           2. Then, in batch order, the true initial centres of every image are replayed from
              the batch-start state with every image's final centres (`_replay`: the same
              arithmetic as the per-image engine), and every image's first iteration from its
@@ -236,14 +236,15 @@ class TargetSampleAssigner:
              that failed are run again from their replayed centres (the first of them is then
              exact) and the check repeats after it. The K-means problems of one call are
              independent (kmeans_prepared), so a run's result does not depend on its company.
+        Step 1 once ran in class generations (the (g+1)-th image of each class in the g-th call,
+        its class anchor then exact). On a real network's features that made 10-60% more
+        launches: the calls wait on each other, and later images fail the check all the same,
+        through M0. On the synthetic features of benchmarks/assigner_cost.py's default it made
+        15-25% fewer (benchmarks/RESULTS.md, issue 12).
         """
         batch_size, num_points, num_features = points.shape
         device = points.device
         prepared = prepare_points(points, self.kmeans_tol)
-        generation, seen = [], {}
-        for k in class_labels:
-            generation.append(seen.get(k, 0))
-            seen[k] = generation[-1] + 1
         cluster_labels = torch.empty(batch_size, num_points, dtype=torch.int64, device=device)
         recorded = FirstStep(
             torch.empty(batch_size, num_points, dtype=torch.int64, device=device),
@@ -256,17 +257,15 @@ class TargetSampleAssigner:
         def run(images: list[int], initial: np.ndarray) -> None:
             index = torch.tensor(images, device=device)
             result, first = kmeans_prepared(
-                prepared.select(index), torch.from_numpy(initial), max_iter=self.kmeans_max_iter,
-                sync_every=self.kmeans_sync_every, record_first_step=True)
+                prepared if len(images) == batch_size else prepared.select(index), torch.from_numpy(initial),
+                max_iter=self.kmeans_max_iter, sync_every=self.kmeans_sync_every, record_first_step=True)
             cluster_labels[index] = result.labels
             for buffer, value in zip(recorded, first):
                 buffer[index] = value
             finals[images] = result.centres.to(device="cpu", dtype=torch.float64).numpy()
             known[images] = True
 
-        for current in range(max(generation) + 1):
-            images = [image for image, g in enumerate(generation) if g == current]
-            run(images, _replay(anchors, class_labels, source64, finals, known)[0][images])
+        run(list(range(batch_size)), _replay(anchors, class_labels, source64, finals, known)[0])
 
         checked_before = 0  # images before it are known to be the sequential runs
         while True:
