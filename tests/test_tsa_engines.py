@@ -193,3 +193,22 @@ def test_auto_takes_the_per_image_engine_on_the_cpu(monkeypatch):
     features, z, labels = _random_batch(torch.Generator().manual_seed(0), 6, 6, 8, drawn_classes=4, num_classes=4)
     assigner(features, z, labels)
     assert calls.runs == 0  # kmeans_prepared is the speculative engine's; per_image calls kmeans
+
+
+def test_a_settled_state_takes_one_kmeans_call_for_the_whole_batch(monkeypatch):
+    """Every image is run at once from the batch-start state (no waiting on class predecessors):
+    where the anchors hardly move within a batch (large counts, as late in a run), every first step
+    survives the check and the batch, repeated classes and all, is one K-means call."""
+    generator = torch.Generator().manual_seed(9)
+    speculative, reference = _pair(6, 24, 3)
+    for step in range(3):  # anchors for every class
+        batch = _random_batch(generator, 16, 10, 24, drawn_classes=6, num_classes=6)
+        _assert_same(speculative, reference, speculative(*batch), reference(*batch), f"warm-up {step}")
+    for assigner in (speculative, reference):
+        assigner.universum_count = 10**6
+        assigner.class_counts[:] = 10**6
+    calls = _Calls(monkeypatch)
+    batch = _random_batch(generator, 16, 10, 24, drawn_classes=3, num_classes=6)
+    assert len(set(batch[2].tolist())) < 16  # classes repeat
+    _assert_same(speculative, reference, speculative(*batch), reference(*batch), "settled")
+    assert (calls.runs, calls.mismatches) == (1, 0)
